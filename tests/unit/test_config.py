@@ -708,3 +708,25 @@ def test_load_control_config(write):
     assert (defaults.host, defaults.port, defaults.auth.method, defaults.auth_entry) == (
         "localhost", 3261, "none", None,
     )
+
+
+# --- the project's own etc/ files ---------------------------------------------------
+
+ETC = __import__("pathlib").Path(__file__).resolve().parents[2] / "etc"
+
+
+def test_default_config_of_make_run():
+    config = load_config(ETC / "istgt.conf")
+    assert (config.global_.pid_file, config.global_.auth_file) == ("var/istgt.pid", "etc/auth.conf")
+    assert config.unit_control.socket_path == "var/istgt.sock"
+    assert (config.global_.nop_in_interval, config.global_.timeout) == (20, 30)
+    assert [p.display for p in config.portal_groups[1].portals] == ["127.0.0.1:3260", "[::1]:3260"]
+    lu = config.logical_units[1]
+    assert lu.name == "iqn.2007-09.jp.ne.peach.istgt:disk1"
+    assert (lu.mappings, lu.auth.method, lu.unit_type, lu.queue_depth) == (((1, 1),), "auto", "disk", 32)
+    assert (lu.luns[0].path, lu.luns[0].size) == ("var/disk1.img", 1 << 30)
+    for peer in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
+        assert access_allowed(config, lu, 1, "iqn.2000-01.org.any:host", peer)
+    assert not access_allowed(config, lu, 1, "iqn.2000-01.org.any:host", "127.0.0.2")
+    assert load_auth(ETC / "auth.conf").groups == {}
+    assert load_control_config(ETC / "istgtcontrol.conf").socket_path == "var/istgt.sock"
