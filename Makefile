@@ -1,0 +1,51 @@
+# The two commands of the README: `make run` and `make test`. Both are idempotent.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DISK := var/disk1.img
+CONFIG := etc/istgt.conf
+# Debian packages that give the test suite real initiators and the C istgt to compare with.
+TEST_PACKAGES := libiscsi-bin qemu-utils qemu-block-extra istgt
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+APT_GET := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
+
+.PHONY: run test venv test-venv test-tools
+
+run: venv $(DISK)
+	exec $(BIN)/istgt -D -c $(CONFIG)
+
+test: test-tools test-venv
+	$(BIN)/python -m pytest tests
+
+# pip runs again only when the packaging files change (stamp files).
+venv: $(VENV)/.installed
+test-venv: $(VENV)/.installed-test
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || \
+		{ $(APT_GET) update && $(APT_GET) install -y python3-venv; }
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install -e .
+	touch $@
+
+$(VENV)/.installed-test: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+$(DISK):
+	mkdir -p $(dir $@)
+	truncate -s 1G $@
+
+# Installs the Debian test tools only when one of them is missing.
+test-tools:
+	@if ! command -v iscsi-test-cu >/dev/null || ! command -v qemu-img >/dev/null \
+		|| ! test -x /usr/sbin/istgt \
+		|| ! dpkg-query -W -f='$${Status}' qemu-block-extra 2>/dev/null | grep -q 'ok installed'; \
+	then \
+		echo "installing $(TEST_PACKAGES)"; \
+		$(APT_GET) update && $(APT_GET) install -y $(TEST_PACKAGES); \
+	fi
+

@@ -1,0 +1,2 @@
+from istgt.main import main
+raise SystemExit(main())

@@ -1,0 +1,2 @@
+from istgt.control.client import main
+raise SystemExit(main())
