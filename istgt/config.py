@@ -449,6 +449,7 @@ class _Reader:
     def __init__(self, conf: ConfFile, section: Section, known: frozenset[str]) -> None:
         self.path = conf.path
         self.section = section
+        self._warned: set[str] = set()  # repeated keys already reported
         for item in section.items:
             folded = item.key.casefold()
             if folded not in known and not self._dynamic_key(folded):
@@ -476,7 +477,8 @@ class _Reader:
         if found is None or not found.values:
             return None
         repeated = [other for other in self.section.all(key) if other is not found]
-        if repeated:
+        if repeated and key.casefold() not in self._warned:
+            self._warned.add(key.casefold())
             log.warning(
                 "%s:%d: [%s] %s: repeated key ignored (line %d is used)",
                 self.path, repeated[0].line, self.section.name, key, found.line,

@@ -730,3 +730,10 @@ def test_default_config_of_make_run():
     assert not access_allowed(config, lu, 1, "iqn.2000-01.org.any:host", "127.0.0.2")
     assert load_auth(ETC / "auth.conf").groups == {}
     assert load_control_config(ETC / "istgtcontrol.conf").socket_path == "var/istgt.sock"
+
+
+def test_repeated_single_value_key_uses_first_and_warns_once(load, caplog):
+    with caplog.at_level(logging.WARNING, logger="istgt.config"):
+        lu = load(with_lu_lines("ReadOnly Yes", "ReadOnly No")).logical_units[1]
+    assert lu.read_only is True
+    assert caplog.text.count("ReadOnly: repeated key ignored (line 12 is used)") == 1
