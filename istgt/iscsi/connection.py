@@ -1,0 +1,866 @@
+"""One iSCSI connection: a receiver thread and a sender thread around the pure codecs.
+
+The receiver reads PDUs, runs the login, then dispatches full-feature PDUs by opcode. Data-Out
+is received straight into the command's buffer. Completed SCSI tasks come back from the LU's
+workers and are turned into Data-In/SCSI Response PDUs for the sender, which stamps sequence
+numbers and writes every ready PDU with one `sendmsg`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections import deque
+
+from istgt.iscsi import params, pdu as wire
+from istgt.iscsi.discovery import send_targets
+from istgt.iscsi.login import CLOSE, ENTER_FFP, LoginProcess
+from istgt.iscsi.pdu import Op, ProtocolError, RejectReason, TmfFunction, TmfResponse
+from istgt.scsi.command import ScsiTask
+from istgt.scsi.sense import encode_sense
+
+log = logging.getLogger("istgt.iscsi")
+
+LOGIN_MAX_SEGMENT = 65536
+HARD_MAX_SEGMENT = 16 * 1024 * 1024     # beyond this a length cannot be resynchronised
+MAX_WRITE_BUFFER = 64 * 1024 * 1024     # EDTL cap for a write (Block Limits advertises less)
+IOV_MAX = 1000
+GOOD, CHECK_CONDITION = 0x00, 0x02
+RESERVED = wire.RESERVED_TAG
+M32 = 0xFFFFFFFF
+
+
+class ConnectionClosed(Exception):
+    pass
+
+
+class Command:
+    """Transport state of one SCSI command while it gathers data or executes."""
+
+    __slots__ = ("itt", "lun_field", "task", "buffer", "received", "next_offset",
+                 "outstanding_r2t", "r2t_sn", "read", "holds_slot", "unsolicited_end")
+
+    def __init__(self, itt, lun_field, task, read, holds_slot):
+        self.itt = itt
+        self.lun_field = lun_field
+        self.task = task
+        self.read = read
+        self.holds_slot = holds_slot
+        self.buffer = None
+        self.received = 0
+        self.next_offset = 0
+        self.outstanding_r2t = 0
+        self.r2t_sn = 0
+        self.unsolicited_end = 0
+
+
+class R2tState:
+    __slots__ = ("command", "offset", "length", "received")
+
+    def __init__(self, command, offset, length):
+        self.command = command
+        self.offset = offset
+        self.length = length
+        self.received = 0
+
+
+class Connection:
+    def __init__(self, server, sock: socket.socket, peer, local, portal_group_tag: int):
+        self.server = server
+        self.sock = sock
+        self.peer_ip = _plain_ip(peer[0])
+        self.peer_port = peer[1]
+        self.local_ip = _plain_ip(local[0])
+        self.local_port = local[1]
+        self.portal_group_tag = portal_group_tag
+        self.log = logging.LoggerAdapter(log, {})
+        self.cid = 0
+        self.login_cmdsn = 0
+        self.session = None
+        self.values = None
+        self.in_ffp = False
+        self.header_digest = False
+        self.data_digest = False
+        self.max_send_segment = 8192          # the initiator's MaxRecvDataSegmentLength
+        self.max_recv_segment = LOGIN_MAX_SEGMENT
+        self.stat_sn = 0                      # touched by the sender only after login
+        # receiver-thread state
+        self.writes: dict[int, Command] = {}  # ITT -> command gathering Data-Out
+        self.r2ts: dict[int, R2tState] = {}   # TTT -> outstanding R2T
+        self.discarding: set[int] = set()     # ITTs whose Data-Out is thrown away
+        self.text_rest: dict[int, bytes] = {}  # TTT -> rest of a long Text response
+        self.text_in = bytearray()            # C-bit continuation of a Text request
+        self._next_ttt = 1
+        # shared state
+        self.lock = threading.Lock()
+        self.active: dict[int, Command] = {}  # ITT -> executing command; guarded by lock
+        self.idle = threading.Condition(self.lock)
+        self._send_cond = threading.Condition()
+        self._outq: deque = deque()           # guarded by _send_cond
+        self._send_stop = False               # guarded by _send_cond
+        self.closing = False
+        self.last_rx = time.monotonic()
+        self.ping_ttt = None
+        self.ping_sent_at = 0.0
+        self._receiver = threading.Thread(target=self._receive_main, daemon=True,
+                                          name=f"conn-rx-{self.peer_ip}:{self.peer_port}")
+        self._sender = threading.Thread(target=self._send_main, daemon=True,
+                                        name=f"conn-tx-{self.peer_ip}:{self.peer_port}")
+        self.finished = threading.Event()
+
+    def start(self) -> None:
+        self._sender.start()
+        self._receiver.start()
+
+    # ================================================================== receiving
+    def _recv_into(self, view: memoryview) -> None:
+        sock = self.sock
+        while view:
+            n = sock.recv_into(view, len(view), socket.MSG_WAITALL)
+            if n == 0:
+                raise ConnectionClosed("peer closed the connection")
+            view = view[n:]
+
+    def _recv_bytes(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        if n:
+            self._recv_into(memoryview(buf))
+        return buf
+
+    def _read_header(self) -> tuple[bytearray, bytes]:
+        bhs = bytearray(wire.BHS_LEN)
+        self._recv_into(memoryview(bhs))
+        self.last_rx = time.monotonic()
+        ahs_len = bhs[4] * 4
+        ahs = bytes(self._recv_bytes(ahs_len)) if ahs_len else b""
+        if self.header_digest:
+            got = int.from_bytes(self._recv_bytes(4), "little")
+            crc = wire.crc32c(bytes(bhs) + ahs) if ahs else wire.crc32c(bytes(bhs))
+            if got != crc:
+                # ERL 0: the length fields cannot be trusted, so the stream is lost
+                raise ProtocolError("header digest error")
+        return bhs, ahs
+
+    def _read_data(self, length: int, into: memoryview | None = None):
+        """Read a data segment (and its padding and digest); returns (data, digest_ok)."""
+        if into is None:
+            data = self._recv_bytes(length)
+            view = memoryview(data)
+        else:
+            data = view = into
+            self._recv_into(view)
+        pad = wire.pad_len(length)
+        padding = self._recv_bytes(pad) if pad else b""
+        ok = True
+        if self.data_digest and length:
+            got = int.from_bytes(self._recv_bytes(4), "little")
+            crc = wire.crc32c(view)
+            if pad:
+                crc = wire.crc32c_extend(crc, bytes(padding))
+            ok = got == crc
+        return data, ok
+
+    def _discard_data(self, length: int) -> None:
+        left = length + wire.pad_len(length) + (4 if self.data_digest and length else 0)
+        scratch = memoryview(bytearray(min(left, 1 << 20) or 1))
+        while left:
+            n = min(left, len(scratch))
+            self._recv_into(scratch[:n])
+            left -= n
+
+    def _receive_main(self) -> None:
+        reason = "closed"
+        try:
+            self.sock.settimeout(None)
+            if self._login():
+                self._full_feature()
+        except ConnectionClosed as e:
+            reason = str(e)
+        except ProtocolError as e:
+            reason = f"protocol error: {e}"
+            self.log.warning("%s from %s: dropping the connection", reason, self.peer_ip)
+        except OSError as e:
+            reason = f"socket error: {e}"
+        except Exception:
+            reason = "internal error"
+            self.log.exception("connection from %s failed", self.peer_ip)
+        finally:
+            self._teardown(reason)
+
+    # ------------------------------------------------------------------ login
+    def _login(self) -> bool:
+        login = LoginProcess(self.server, self)
+        first = True
+        while not self.closing:
+            bhs, ahs = self._read_header()
+            pdu = wire.Pdu(bhs, ahs)
+            length = pdu.data_length
+            if pdu.opcode != Op.LOGIN_REQ:
+                # RFC 7143 6.1: only Login is valid before full feature phase (istgt bug B1)
+                self.log.warning("opcode 0x%02x from %s before login completed",
+                                 pdu.opcode, self.peer_ip)
+                self._send_and_wait(wire.reject(RejectReason.PROTOCOL_ERROR, bhs))
+                return False
+            if length > LOGIN_MAX_SEGMENT:
+                raise ProtocolError(f"login data segment of {length} bytes")
+            pdu.data, _ = self._read_data(length)
+            if first:
+                first = False
+                self.cid = pdu.cid
+                self.login_cmdsn = pdu.cmdsn
+                self.stat_sn = pdu.exp_statsn
+            result = login.handle(pdu)
+            if result.outcome == CLOSE:
+                self._send_and_wait(result.response)
+                return False
+            if result.outcome == ENTER_FFP:
+                self.session = result.session
+                self.values = result.values
+                self._send_and_wait(result.response)
+                self._enter_full_feature(login)
+                return True
+            self._send([result.response])
+        return False
+
+    def _enter_full_feature(self, login) -> None:
+        v = self.values
+        self.header_digest = v.header_digest
+        self.data_digest = v.data_digest
+        self.max_send_segment = v.max_recv_data_segment_length_initiator
+        self.max_recv_segment = v.max_recv_data_segment_length_target
+        self.in_ffp = True
+        s = self.session
+        self.log = logging.LoggerAdapter(log, {})
+        if s.discovery:
+            log.info("Login(discovery) from %s (%s) on (%s:%d,%d), ISID=%s, TSIH=%d, CID=%d",
+                     s.initiator_name, self.peer_ip, self.local_ip, self.local_port,
+                     self.portal_group_tag, s.isid.hex(), s.tsih, self.cid)
+        else:
+            log.info("Login from %s (%s) on %s LU%d (%s:%d,%d), ISID=%s, TSIH=%d, CID=%d, "
+                     "HeaderDigest=%s, DataDigest=%s", s.initiator_name, self.peer_ip,
+                     s.target_name, s.target.number, self.local_ip, self.local_port,
+                     self.portal_group_tag, s.isid.hex(), s.tsih, self.cid,
+                     "on" if self.header_digest else "off",
+                     "on" if self.data_digest else "off")
+
+    # ------------------------------------------------------------------ full feature
+    def _full_feature(self) -> None:
+        handlers = {
+            Op.SCSI_CMD: self._on_scsi, Op.NOP_OUT: self._on_nop_out,
+            Op.TASK_MGMT_REQ: self._on_tmf, Op.TEXT_REQ: self._on_text,
+            Op.LOGOUT_REQ: self._on_logout,
+        }
+        while not self.closing:
+            bhs, ahs = self._read_header()
+            opcode = bhs[0] & 0x3F
+            length = (bhs[5] << 16) | (bhs[6] << 8) | bhs[7]
+            if length > self.max_recv_segment:
+                if length > HARD_MAX_SEGMENT:
+                    raise ProtocolError(f"data segment of {length} bytes")
+                self._discard_data(length)
+                self.log.warning("data segment of %d bytes over MaxRecvDataSegmentLength %d",
+                                 length, self.max_recv_segment)
+                self._send([wire.reject(RejectReason.PROTOCOL_ERROR, bhs)])
+                continue
+            if opcode == Op.DATA_OUT:
+                self._on_data_out(wire.Pdu(bhs, ahs), length)
+                continue
+            data, ok = self._read_data(length)
+            if not ok:
+                self.log.warning("data digest error from %s", self.peer_ip)
+                self._send([wire.reject(RejectReason.DATA_DIGEST_ERROR, bhs)])
+                continue
+            pdu = wire.Pdu(bhs, ahs, data)
+            handler = handlers.get(opcode)
+            if handler is None:
+                self._unsupported(pdu)
+            else:
+                handler(pdu)
+
+    def _unsupported(self, pdu) -> None:
+        if pdu.opcode == Op.LOGIN_REQ:
+            reason = RejectReason.PROTOCOL_ERROR     # login in full feature phase
+        elif 0x1C <= pdu.opcode <= 0x1E:
+            reason = RejectReason.COMMAND_NOT_SUPPORTED
+        else:
+            reason = RejectReason.PROTOCOL_ERROR     # SNACK at ERL 0, unknown opcodes
+        self._send([wire.reject(reason, pdu.bhs)])
+
+    # ------------------------------------------------------------------ SCSI command
+    def _on_scsi(self, pdu) -> None:
+        s = self.session
+        if s.discovery:
+            self._send([wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)])
+            return
+        itt = pdu.itt
+        if not s.accept_cmdsn(pdu.cmdsn, pdu.immediate):
+            self.log.debug("CmdSN %d outside the window: ignored", pdu.cmdsn)
+            if pdu.write_bit:
+                self.discarding.add(itt)
+            return
+        holds_slot = not pdu.immediate
+        if itt in self.writes or itt in self.active:
+            self._reject_command(pdu, RejectReason.TASK_IN_PROGRESS, holds_slot)
+            return
+        cdb = pdu.cdb
+        if pdu.ahs:
+            cdb = _extended_cdb(cdb, pdu.ahs)
+        lun_field = pdu.lun_field
+        edtl = pdu.expected_length
+        task = ScsiTask(wire.decode_lun(lun_field), cdb, s.nexus, pdu.task_attr, itt, None, edtl)
+        cmd = Command(itt, lun_field, task, pdu.read_bit, holds_slot)
+        if pdu.write_bit and pdu.read_bit:
+            # bidirectional commands: no command of ours uses them
+            return self._fail_early(cmd, pdu, 0x05, 0x2400)
+        if not pdu.write_bit:
+            if pdu.data:
+                self._reject_command(pdu, RejectReason.PROTOCOL_ERROR, holds_slot)
+                return
+            self._submit(cmd)
+            return
+        immediate = pdu.data
+        v = self.values
+        if len(immediate) > edtl or len(immediate) > v.first_burst_length:
+            self._reject_command(pdu, RejectReason.PROTOCOL_ERROR, holds_slot)
+            return
+        if edtl > MAX_WRITE_BUFFER:
+            return self._fail_early(cmd, pdu, 0x05, 0x2400)
+        cmd.buffer = bytearray(edtl)
+        if immediate:
+            cmd.buffer[:len(immediate)] = immediate
+        cmd.received = len(immediate)
+        cmd.unsolicited_end = len(immediate)
+        if not v.initial_r2t and not pdu.final:
+            cmd.unsolicited_end = min(v.first_burst_length, edtl)
+        cmd.next_offset = cmd.unsolicited_end
+        if cmd.received >= edtl:
+            self._submit_write(cmd)
+            return
+        with self.lock:
+            self.writes[itt] = cmd
+        self._issue_r2ts(cmd)
+
+    def _fail_early(self, cmd, pdu, key: int, asc: int) -> None:
+        """Answer CHECK CONDITION without executing; any unsolicited data is thrown away."""
+        cmd.task.status = CHECK_CONDITION
+        cmd.task.sense = encode_sense(key, asc)
+        if pdu.write_bit and not pdu.final:
+            self.discarding.add(cmd.itt)
+        with self.lock:
+            self.active[cmd.itt] = cmd
+        self._task_done(cmd, cmd.task, False)
+
+    def _reject_command(self, pdu, reason, holds_slot) -> None:
+        if holds_slot:
+            self.session.release_slot()
+        if pdu.write_bit and not pdu.final:
+            self.discarding.add(pdu.itt)
+        self._send([wire.reject(reason, pdu.bhs)])
+
+    def _issue_r2ts(self, cmd: Command) -> None:
+        v = self.values
+        edtl = cmd.task.transfer_length
+        out = []
+        while cmd.outstanding_r2t < v.max_outstanding_r2t and cmd.next_offset < edtl:
+            length = min(v.max_burst_length, edtl - cmd.next_offset)
+            ttt = self._next_ttt
+            self._next_ttt = (ttt + 1) & M32 or 1
+            if self._next_ttt == RESERVED:
+                self._next_ttt = 1
+            with self.lock:
+                self.r2ts[ttt] = R2tState(cmd, cmd.next_offset, length)
+            out.append(wire.r2t(cmd.itt, cmd.lun_field, ttt, cmd.r2t_sn, cmd.next_offset,
+                                length))
+            cmd.r2t_sn += 1
+            cmd.next_offset += length
+            cmd.outstanding_r2t += 1
+        if out:
+            self._send(out)
+
+    def _on_data_out(self, pdu, length: int) -> None:
+        itt = pdu.itt
+        with self.lock:
+            cmd = self.writes.get(itt)
+            r2t = self.r2ts.get(pdu.ttt) if pdu.ttt != RESERVED else None
+        if cmd is None:
+            self._discard_data(length)
+            if itt in self.discarding:
+                if pdu.final and pdu.ttt == RESERVED:
+                    self.discarding.discard(itt)
+                return
+            self.log.warning("Data-Out for unknown ITT 0x%08x", itt)
+            self._send([wire.reject(RejectReason.INVALID_PDU_FIELD, pdu.bhs)])
+            return
+        offset = pdu.buffer_offset
+        if pdu.ttt != RESERVED:
+            in_range = (r2t is not None and r2t.command is cmd and r2t.offset <= offset
+                        and offset + length <= r2t.offset + r2t.length)
+        else:
+            in_range = offset + length <= cmd.unsolicited_end
+        if not in_range:
+            self._discard_data(length)
+            self._send([wire.reject(RejectReason.INVALID_PDU_FIELD, pdu.bhs)])
+            return
+        _, ok = self._read_data(length, memoryview(cmd.buffer)[offset:offset + length])
+        if not ok:
+            # ERL 0: the initiator cannot resend this data, so the connection ends
+            raise ProtocolError("data digest error on Data-Out")
+        with self.lock:
+            if self.writes.get(itt) is not cmd:
+                return                     # aborted meanwhile
+            cmd.received += length
+            if r2t is not None:
+                r2t.received += length
+                if pdu.final or r2t.received >= r2t.length:
+                    self.r2ts.pop(pdu.ttt, None)
+                    cmd.outstanding_r2t -= 1
+            complete = cmd.received >= cmd.task.transfer_length
+            if complete:
+                del self.writes[itt]
+                self._drop_r2ts(cmd)
+        if complete:
+            self._submit_write(cmd)
+        elif r2t is not None and cmd.outstanding_r2t < self.values.max_outstanding_r2t:
+            self._issue_r2ts(cmd)
+
+    def _drop_r2ts(self, cmd) -> None:
+        for ttt in [t for t, r in self.r2ts.items() if r.command is cmd]:
+            del self.r2ts[ttt]
+
+    def _submit_write(self, cmd: Command) -> None:
+        cmd.task.data_out = memoryview(cmd.buffer)
+        self._submit(cmd)
+
+    def _submit(self, cmd: Command) -> None:
+        with self.lock:
+            self.active[cmd.itt] = cmd
+        self.session.target.submit(cmd.task, lambda task, aborted: self._task_done(cmd, task,
+                                                                                  aborted))
+
+    # ------------------------------------------------------------------ completion
+    def _task_done(self, cmd: Command, task, aborted: bool) -> None:
+        with self.lock:
+            self.active.pop(cmd.itt, None)
+            if not self.active:
+                self.idle.notify_all()
+        if aborted:
+            if cmd.holds_slot:
+                self.session.release_slot()
+            return
+        self._send(self._scsi_responses(cmd, task))
+
+    def _scsi_responses(self, cmd: Command, task) -> list:
+        status = task.status
+        sense = task.sense or b""
+        edtl = task.transfer_length
+        data = task.data_in
+        out = []
+        rflags = residual = 0
+        data_sn = 0
+        if cmd.read:
+            n = len(data) if data is not None else 0
+            if n > edtl:
+                rflags, residual, n = 0x04, n - edtl, edtl
+            elif n < edtl:
+                rflags, residual = 0x02, edtl - n
+            collapse = status == GOOD and not sense
+            if n:
+                view = memoryview(data)[:n]
+                seg = self.max_send_segment
+                burst = self.values.max_burst_length
+                offset = 0
+                while offset < n:
+                    room = burst - offset % burst
+                    length = min(seg, n - offset, room)
+                    end = offset + length
+                    last = end == n
+                    r = wire.data_in(cmd.itt, cmd.lun_field, view[offset:end], data_sn, offset,
+                                     final=last or length == room,
+                                     status=status if (last and collapse) else None,
+                                     residual_flags=rflags, residual=residual)
+                    r.ends_command = last and collapse and cmd.holds_slot
+                    out.append(r)
+                    data_sn += 1
+                    offset = end
+                if collapse:
+                    return out
+        elif cmd.buffer is not None or edtl:
+            got = cmd.received if cmd.buffer is not None else 0
+            if got < edtl:
+                rflags, residual = 0x02, edtl - got
+            data_sn = cmd.r2t_sn
+        r = wire.scsi_response(cmd.itt, status, sense, rflags, residual, data_sn)
+        r.ends_command = cmd.holds_slot
+        out.append(r)
+        return out
+
+    # ------------------------------------------------------------------ NOP
+    def _on_nop_out(self, pdu) -> None:
+        itt = pdu.itt
+        if itt == RESERVED:
+            # an answer to our ping (or a ping that wants no answer): RFC 7143 11.18
+            if pdu.ttt != RESERVED and pdu.ttt == self.ping_ttt:
+                self.ping_ttt = None
+            return
+        if pdu.ttt != RESERVED:
+            self._send([wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)])
+            return
+        if not self.session.accept_cmdsn(pdu.cmdsn, pdu.immediate):
+            return
+        data = bytes(pdu.data[:self.max_send_segment])
+        self._send([wire.nop_in(itt, RESERVED, pdu.lun_field, data,
+                                ends_command=not pdu.immediate)])
+
+    def ping(self) -> None:
+        ttt = self._next_ttt
+        self._next_ttt = (ttt + 1) & M32 or 1
+        self.ping_ttt = ttt
+        self.ping_sent_at = time.monotonic()
+        self._send([wire.nop_in(RESERVED, ttt, 0, takes_statsn=False)])
+
+    def tick(self, now: float, nop_interval: int, timeout: int) -> None:
+        """Called about once a second by the server's keep-alive thread."""
+        if self.closing:
+            return
+        if not self.in_ffp:
+            if timeout and now - self.last_rx > timeout:
+                self.close_async("login timed out")
+            return
+        if self.ping_ttt is not None:
+            if timeout and now - self.ping_sent_at > timeout:
+                self.log.warning("no NOP-Out from %s for %d s: closing", self.peer_ip, timeout)
+                self.close_async("ping timeout")
+        elif nop_interval and now - self.last_rx >= nop_interval and \
+                now - self.ping_sent_at >= nop_interval:
+            self.ping()
+
+    # ------------------------------------------------------------------ task management
+    def _on_tmf(self, pdu) -> None:
+        s = self.session
+        if s.discovery:
+            self._send([wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)])
+            return
+        if not s.accept_cmdsn(pdu.cmdsn, pdu.immediate):
+            return
+        fn = pdu.function
+        lun = wire.decode_lun(pdu.lun_field)
+        target = s.target
+        nexus = s.nexus
+        after = None
+        if fn == TmfFunction.ABORT_TASK:
+            rtt = pdu.ref_task_tag
+            if self.abort_writes(lambda c: c.itt == rtt) or target.abort_task(nexus, rtt):
+                response = TmfResponse.COMPLETE
+            elif s.consume_unseen(pdu.ref_cmdsn, pdu.cmdsn):
+                response = TmfResponse.COMPLETE
+            else:
+                response = TmfResponse.TASK_DOES_NOT_EXIST
+        elif fn in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET,
+                    TmfFunction.LOGICAL_UNIT_RESET):
+            if lun not in target.devices:
+                response = TmfResponse.LUN_DOES_NOT_EXIST
+            else:
+                if fn == TmfFunction.ABORT_TASK_SET:
+                    self.abort_writes(lambda c: c.task.lun == lun)
+                    target.abort_task_set(nexus, lun)
+                elif fn == TmfFunction.CLEAR_TASK_SET:
+                    self.server.abort_writes_everywhere(target, lambda c: c.task.lun == lun)
+                    target.clear_task_set(lun, nexus)
+                else:
+                    self.server.abort_writes_everywhere(target, lambda c: c.task.lun == lun)
+                    target.lun_reset(lun)
+                response = TmfResponse.COMPLETE
+        elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
+            self.server.abort_writes_everywhere(target, lambda c: True)
+            cold = fn == TmfFunction.TARGET_COLD_RESET
+            target.target_reset("cold" if cold else "warm")
+            response = TmfResponse.COMPLETE
+            if cold:
+                after = lambda: self.server.close_target_sessions(target, "target cold reset")
+        elif fn == TmfFunction.CLEAR_ACA:
+            response = TmfResponse.NOT_SUPPORTED           # NACA=1 is refused in CDBs
+        elif fn == TmfFunction.TASK_REASSIGN:
+            response = TmfResponse.REASSIGNMENT_NOT_SUPPORTED   # ERL 0
+        else:
+            response = TmfResponse.REJECTED
+        log.info("TMF %d LUN %d from %s: response %d", fn, lun, s.initiator_port, response)
+        r = wire.tmf_response(pdu.itt, response, ends_command=not pdu.immediate)
+        r.after_send = after
+        self._send([r])
+
+    def abort_writes(self, match) -> bool:
+        """Abort commands still gathering Data-Out (not yet in the LU's queue); any thread."""
+        with self.lock:
+            hit = [c for c in self.writes.values() if match(c)]
+            for cmd in hit:
+                del self.writes[cmd.itt]
+                self._drop_r2ts(cmd)
+                self.discarding.add(cmd.itt)
+        for cmd in hit:
+            if cmd.holds_slot:
+                self.session.release_slot()
+        return bool(hit)
+
+    # ------------------------------------------------------------------ text
+    def _on_text(self, pdu) -> None:
+        s = self.session
+        if not s.accept_cmdsn(pdu.cmdsn, pdu.immediate):
+            return
+        ends = not pdu.immediate
+        if pdu.final and pdu.cont:
+            self._send([wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)])
+            return
+        if pdu.ttt != RESERVED:
+            rest = self.text_rest.pop(pdu.ttt, None)
+            if rest is None:
+                self._send([wire.reject(RejectReason.INVALID_PDU_FIELD, pdu.bhs)])
+                return
+            self._send_text(pdu, rest, ends)
+            return
+        self.text_in += pdu.data
+        if pdu.cont:
+            self._send([wire.text_response(pdu.itt, self._new_ttt(), b"", False, False,
+                                           ends_command=ends)])
+            return
+        try:
+            pairs = params.parse_text(bytes(self.text_in))
+        except params.TextError:
+            self.text_in.clear()
+            self._send([wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)])
+            return
+        self.text_in.clear()
+        answers = []
+        new_mrdsl = None
+        for key, value in pairs:
+            if key == "SendTargets":
+                answers += send_targets(self.server, self, value)
+            elif key == "MaxRecvDataSegmentLength":
+                try:
+                    n = int(value, 0)
+                except ValueError:
+                    n = 0
+                if 512 <= n <= 16777215:
+                    new_mrdsl = n
+                    answers.append((key, str(self.max_recv_segment)))
+                else:
+                    answers.append((key, "Reject"))
+            elif key.startswith(("X-", "X#")):
+                answers.append((key, "NotUnderstood"))
+            else:
+                answers.append((key, "Reject"))      # login-only or unknown in this phase
+        self._send_text(pdu, params.encode_text(answers), ends)
+        if new_mrdsl:
+            self.max_send_segment = new_mrdsl
+
+    def _new_ttt(self) -> int:
+        ttt = self._next_ttt
+        self._next_ttt = (ttt + 1) & M32 or 1
+        return ttt
+
+    def _send_text(self, pdu, data: bytes, ends: bool) -> None:
+        limit = self.max_send_segment
+        if len(data) <= limit:
+            self._send([wire.text_response(pdu.itt, RESERVED, data, True, False,
+                                           ends_command=ends)])
+            return
+        ttt = self._new_ttt()
+        self.text_rest[ttt] = data[limit:]
+        self._send([wire.text_response(pdu.itt, ttt, data[:limit], False, True,
+                                       ends_command=ends)])
+
+    # ------------------------------------------------------------------ logout
+    def _on_logout(self, pdu) -> None:
+        s = self.session
+        s.accept_cmdsn(pdu.cmdsn, pdu.immediate)   # a logout is honoured even out of window
+        reason = pdu.reason
+        v = self.values
+        after = None
+        if reason == 0:
+            response = 0
+            after = lambda: s.close_all("logout (close session)")
+        elif reason == 1:
+            if pdu.cid == self.cid:
+                response = 0
+                after = lambda: self.close_async("logout (close connection)")
+            else:
+                others = [c for c in s.members() if c.cid == pdu.cid]
+                response = 0 if others else 1
+                for c in others:
+                    c.close_async("logout by another connection")
+        elif reason == 2:
+            response = 2        # connection recovery is not supported (ERL 0)
+        else:
+            self._send([wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)])
+            return
+        log.info("Logout%s from %s (%s) on %s, TSIH=%d, CID=%d, reason %d",
+                 "(discovery)" if s.discovery else "", s.initiator_name, self.peer_ip,
+                 s.target_name or "discovery", s.tsih, self.cid, reason)
+        if after is not None:
+            self._wait_idle(self.server.config.global_.timeout or 60)
+        r = wire.logout_response(pdu.itt, response, v.default_time2wait,
+                                 v.default_time2retain, ends_command=not pdu.immediate)
+        r.after_send = after
+        self._send([r])
+
+    def _wait_idle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while self.active:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.idle.wait(left)
+
+    # ================================================================== sending
+    def _send(self, responses: list) -> None:
+        with self._send_cond:
+            self._outq.extend(responses)
+            self._send_cond.notify()
+
+    def _send_and_wait(self, response) -> None:
+        done = threading.Event()
+        prev = response.after_send
+
+        def mark():
+            if prev:
+                prev()
+            done.set()
+        response.after_send = mark
+        self._send([response])
+        done.wait(30)
+
+    def _send_main(self) -> None:
+        try:
+            while True:
+                with self._send_cond:
+                    while not self._outq and not self._send_stop:
+                        self._send_cond.wait()
+                    if not self._outq:
+                        return
+                    batch = self._outq
+                    self._outq = deque()
+                self._write_batch(batch)
+        except OSError as e:
+            self.log.debug("send to %s failed: %s", self.peer_ip, e)
+            self.close_async("send failed")
+        finally:
+            with self._send_cond:
+                self._send_stop = True
+                self._outq.clear()
+
+    def _write_batch(self, batch) -> None:
+        bufs = []
+        callbacks = []
+        session = self.session
+        for r in batch:
+            if session is not None:
+                with session.lock:
+                    if r.ends_command:
+                        session.max_cmdsn = (session.max_cmdsn + 1) & M32
+                    exp, mx = session.exp_cmdsn, session.max_cmdsn
+            else:
+                exp = mx = self.login_cmdsn
+            sn = self.stat_sn
+            if r.takes_statsn:
+                self.stat_sn = (sn + 1) & M32
+            elif r.bhs[0] == Op.DATA_IN:
+                sn = 0      # StatSN is reserved in a Data-In without status
+            wire.stamp(r, sn, exp, mx)
+            bufs.append(r.bhs)
+            if self.header_digest:
+                bufs.append(wire.digest_bytes(wire.crc32c(bytes(r.bhs))))
+            data = r.data
+            if data:
+                n = len(data)
+                bufs.append(data)
+                pad = wire.PADDING[n & 3]
+                if pad:
+                    bufs.append(pad)
+                if self.data_digest:
+                    crc = wire.crc32c(data)
+                    if pad:
+                        crc = wire.crc32c_extend(crc, pad)
+                    bufs.append(wire.digest_bytes(crc))
+            if r.after_send is not None:
+                # flush now: the callback may change digests or close the socket
+                self._sendmsg(bufs)
+                bufs = []
+                r.after_send()
+        if bufs:
+            self._sendmsg(bufs)
+        for cb in callbacks:
+            cb()
+
+    def _sendmsg(self, bufs: list) -> None:
+        sock = self.sock
+        while bufs:
+            chunk = bufs[:IOV_MAX]
+            sent = sock.sendmsg(chunk)
+            total = sum(len(b) for b in chunk)
+            if sent == total:
+                bufs = bufs[IOV_MAX:]
+                continue
+            # partial send: drop what went out and go on with the rest
+            rest = []
+            for b in chunk:
+                n = len(b)
+                if sent >= n:
+                    sent -= n
+                    continue
+                rest.append(memoryview(b)[sent:] if sent else b)
+                sent = 0
+            bufs = rest + bufs[IOV_MAX:]
+
+    # ================================================================== teardown
+    def close_async(self, reason: str) -> None:
+        """Ask the connection to end; safe from any thread."""
+        if self.closing:
+            return
+        self.closing = True
+        self.log.debug("closing connection from %s: %s", self.peer_ip, reason)
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def _teardown(self, reason: str) -> None:
+        self.closing = True
+        # Commands already executing finish and are answered if the socket still works.
+        self._wait_idle(30)
+        if self.session is not None:
+            self.abort_writes(lambda c: True)
+        with self._send_cond:
+            self._send_stop = True
+            self._send_cond.notify()
+        self._sender.join(10)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        s = self.session
+        if s is not None and s.remove_connection(self):
+            self.server.sessions.unregister(s)
+            if s.target is not None:
+                s.target.nexus_lost(s.nexus)
+            log.info("session TSIH %d of %s ended (%s)", s.tsih, s.initiator_port, reason)
+        self.server.connection_closed(self)
+        self.finished.set()
+
+
+def _plain_ip(ip: str) -> str:
+    return ip.split("%", 1)[0]
+
+
+def _extended_cdb(cdb: bytes, ahs: bytes) -> bytes:
+    """Append an Extended CDB AHS (type 1) to the 16 bytes in the BHS."""
+    pos = 0
+    while pos + 4 <= len(ahs):
+        length = int.from_bytes(ahs[pos:pos + 2], "big")
+        kind = ahs[pos + 2]
+        if kind == 1:
+            return cdb + bytes(ahs[pos + 4:pos + 3 + length])
+        pos += 4 + ((length + 3) & ~3)
+    return cdb

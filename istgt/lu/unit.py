@@ -1,0 +1,106 @@
+"""One logical unit ([LogicalUnitN]): its LUNs, task set, workers and reset entry points."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from istgt.scsi import spc
+from istgt.lu.queue import QueuedTask, TaskQueue
+from istgt.lu.worker import WorkerPool
+
+log = logging.getLogger("istgt.lu")
+
+TASK_SET_FULL = 0x28
+REPORT_LUNS = 0xA0
+MAX_WORKERS = 4
+
+
+class LogicalUnit:
+    def __init__(self, config, devices: dict, max_sessions: int = 32):
+        self.config = config
+        self.number = config.number
+        self.name = config.name
+        self.devices = devices            # lun number -> device; fixed after start
+        self.queue_depth = config.queue_depth
+        # QueueDepth 0: one task at a time for the whole LU (istgt's exclusive mode)
+        self.exclusive = threading.Lock()
+        limit = max(1, self.queue_depth) * max(1, max_sessions)
+        self._queue = TaskQueue(limit)
+        workers = 1 if self.queue_depth == 0 else min(MAX_WORKERS, self.queue_depth)
+        self._pool = WorkerPool(f"LU{self.number}", self._queue, self._execute, workers)
+        self._pool.start()
+
+    # ---- execution
+    def submit(self, task, done) -> None:
+        """Queue `task`; `done(task, aborted)` runs once, on a worker thread, when it has a
+        status, or on the aborting thread when it was aborted before it started."""
+        if not self._queue.put(QueuedTask(task, done, task.attr)):
+            task.status = TASK_SET_FULL
+            task.sense = b""
+            task.data_in = None
+            done(task, False)
+
+    def _execute(self, task) -> None:
+        if self.queue_depth == 0:
+            with self.exclusive:
+                self._dispatch(task)
+        else:
+            self._dispatch(task)
+
+    def _dispatch(self, task) -> None:
+        device = self.devices.get(task.lun)
+        if device is None:
+            if task.cdb[0] == REPORT_LUNS:   # REPORT LUNS works through any LUN number
+                spc.execute_report_luns(task, sorted(self.devices))
+            else:
+                spc.no_such_lun(task)
+        else:
+            device.execute(task)
+
+    # ---- task management (SAM-5 / RFC 7143 11.5)
+    def abort(self, match) -> list[QueuedTask]:
+        removed, running = self._queue.abort(lambda e: match(e.task))
+        for e in removed:                # never started: nobody else will call done
+            e.done(e.task, True)
+        for e in running:                # its worker calls done(task, True) when it ends
+            e.finished.wait(60)
+        return removed + running
+
+    def abort_task(self, nexus, tag: int) -> bool:
+        return bool(self.abort(lambda t: t.nexus == nexus and t.tag == tag))
+
+    def abort_task_set(self, nexus, lun: int) -> None:
+        self.abort(lambda t: t.nexus == nexus and t.lun == lun)
+
+    def clear_task_set(self, lun: int, by_nexus) -> None:
+        aborted = self.abort(lambda t: t.lun == lun)
+        device = self.devices.get(lun)
+        cleared = getattr(device, "tasks_cleared", None)
+        if cleared is not None and any(e.task.nexus != by_nexus for e in aborted):
+            cleared(by_nexus)
+
+    def lun_reset(self, lun: int) -> None:
+        self.abort(lambda t: t.lun == lun)
+        device = self.devices.get(lun)
+        if device is not None:
+            device.reset("lun")
+
+    def target_reset(self, kind: str) -> None:
+        self.abort(lambda t: True)
+        for device in self.devices.values():
+            device.reset(kind)
+
+    def nexus_lost(self, nexus) -> None:
+        self.abort(lambda t: t.nexus == nexus)
+        for device in self.devices.values():
+            device.nexus_lost(nexus)
+
+    def shutdown(self) -> None:
+        self._queue.close()
+        self._pool.join(30)
+        for device in self.devices.values():
+            try:
+                device.flush()
+            finally:
+                device.close()

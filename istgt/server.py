@@ -1,0 +1,223 @@
+"""The target: portals and their acceptor threads, logical units, sessions, shutdown."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+from istgt.iscsi.connection import Connection
+from istgt.iscsi.session import SessionRegistry
+from istgt.lu.backends import BackendError, FileBackend
+from istgt.lu.unit import LogicalUnit
+
+log = logging.getLogger("istgt")
+net_log = logging.getLogger("istgt.net")
+
+LISTEN_BACKLOG = 128
+SHUTDOWN_WAIT = 10.0
+
+
+class StartupError(Exception):
+    """A logical unit or portal could not be set up; the message says which and why."""
+
+
+def build_logical_unit(lu_config, max_sessions: int) -> LogicalUnit:
+    from istgt.scsi.sbc import DiskDevice
+    if lu_config.unit_type != "disk":
+        raise StartupError(f"LU{lu_config.number} ({lu_config.name}): UnitType "
+                           f"{lu_config.unit_type} is not supported yet")
+    devices = {}
+    try:
+        for number, lun in sorted(lu_config.luns.items()):
+            backend = FileBackend.open(lun.path, lun.size, lu_config.read_only,
+                                       lu_config.block_length)
+            devices[number] = DiskDevice(lu_config, lun, backend)
+    except BackendError as e:
+        for d in devices.values():
+            d.close()
+        raise StartupError(f"LU{lu_config.number} ({lu_config.name}): {e}") from None
+    for d in devices.values():
+        if hasattr(d, "set_lun_numbers"):
+            d.set_lun_numbers(sorted(devices))
+    for number, d in sorted(devices.items()):
+        lun = lu_config.luns[number]
+        size = d.backend.size if hasattr(d, "backend") else 0
+        log.info("LU%d: LUN%d file=%s, size=%d, %d bytes/block%s, queue depth %d",
+                 lu_config.number, number, lun.path, size, lu_config.block_length,
+                 " readonly" if lu_config.read_only else "", lu_config.queue_depth)
+    return LogicalUnit(lu_config, devices, max_sessions)
+
+
+class Server:
+    def __init__(self, config, mode: int = 1):
+        self.config = config
+        self.mode = mode
+        g = config.global_
+        self.sessions = SessionRegistry(g.max_sessions)
+        self.units: dict[int, LogicalUnit] = {}
+        self._by_name: dict[str, LogicalUnit] = {}
+        self._listeners: list[tuple[socket.socket, int]] = []   # (socket, portal group tag)
+        self.portal_addresses: list[tuple[str, int]] = []
+        self._lock = threading.Lock()
+        self._connections: set[Connection] = set()     # guarded by _lock
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._threads: list[threading.Thread] = []
+        try:
+            for number, lu_config in sorted(config.logical_units.items()):
+                unit = build_logical_unit(lu_config, g.max_sessions)
+                self.units[number] = unit
+                self._by_name[lu_config.name.lower()] = unit
+        except StartupError:
+            self._close_units()
+            raise
+
+    # ---- lookups used by login and discovery
+    def find_target(self, name: str, portal_group_tag: int) -> LogicalUnit | None:
+        unit = self._by_name.get(name.lower())
+        if unit is None:
+            return None
+        if not any(pg == portal_group_tag for pg, _ in unit.config.mappings):
+            return None
+        return unit
+
+    # ---- portals
+    def open_portals(self) -> None:
+        try:
+            for tag, group in sorted(self.config.portal_groups.items()):
+                for portal in group.portals:
+                    self._listeners.append((self._listen(portal), tag))
+        except OSError:
+            self._close_listeners()
+            raise
+
+    def _listen(self, portal) -> socket.socket:
+        family = portal.family
+        try:
+            info = socket.getaddrinfo(portal.host, portal.port, family, socket.SOCK_STREAM,
+                                      0, socket.AI_NUMERICHOST | socket.AI_PASSIVE)
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as e:
+            raise OSError(e.errno, f"listen error {portal.display}: {e.strerror or e}") from None
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(info[0][4])
+            sock.listen(LISTEN_BACKLOG)
+        except OSError as e:
+            sock.close()
+            raise OSError(e.errno, f"listen error {portal.display}: {e.strerror}") from None
+        host, port = sock.getsockname()[:2]
+        self.portal_addresses.append((host, port))
+        net_log.info("listening on %s (portal group %s)", portal.display, portal.label)
+        return sock
+
+    def listening_fds(self) -> list[int]:
+        return [s.fileno() for s, _ in self._listeners]
+
+    # ---- running
+    def serve_forever(self) -> None:
+        for sock, tag in self._listeners:
+            t = threading.Thread(target=self._accept_loop, args=(sock, tag), daemon=True,
+                                 name=f"acceptor-{sock.getsockname()[1]}")
+            t.start()
+            self._threads.append(t)
+        keepalive = threading.Thread(target=self._keepalive_loop, daemon=True, name="keepalive")
+        keepalive.start()
+        self._stopped.wait()
+
+    def start(self) -> threading.Thread:
+        t = threading.Thread(target=self.serve_forever, daemon=True, name="server")
+        t.start()
+        return t
+
+    def _accept_loop(self, listener: socket.socket, tag: int) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock, peer = listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.05)     # e.g. EMFILE: do not spin
+                continue
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                local = sock.getsockname()
+                conn = Connection(self, sock, peer, local, tag)
+            except OSError as e:
+                net_log.warning("accept from %s failed: %s", peer, e)
+                sock.close()
+                continue
+            net_log.debug("connection from %s to %s", peer, local)
+            with self._lock:
+                if self._stopping.is_set():
+                    sock.close()
+                    return
+                self._connections.add(conn)
+            conn.start()
+
+    def _keepalive_loop(self) -> None:
+        g = self.config.global_
+        while not self._stopping.wait(1.0):
+            now = time.monotonic()
+            for conn in self.connections():
+                conn.tick(now, g.nop_in_interval, g.timeout)
+
+    def connections(self) -> list[Connection]:
+        with self._lock:
+            return list(self._connections)
+
+    def connection_closed(self, conn: Connection) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+
+    # ---- cross-connection actions (task management)
+    def abort_writes_everywhere(self, unit: LogicalUnit, match) -> None:
+        """Abort matching commands that still gather Data-Out on any connection to `unit`
+        (they are not in the LU's task set yet, so the LU's own abort cannot see them)."""
+        for s in self.sessions.all():
+            if s.target is unit:
+                for conn in s.members():
+                    conn.abort_writes(match)
+
+    def close_target_sessions(self, unit: LogicalUnit, reason: str) -> None:
+        for s in self.sessions.all():
+            if s.target is unit:
+                s.close_all(reason)
+
+    # ---- shutdown
+    def shutdown(self) -> None:
+        if self._stopping.is_set():
+            self._stopped.wait(SHUTDOWN_WAIT * 3)
+            return
+        self._stopping.set()
+        self._close_listeners()
+        conns = self.connections()
+        for conn in conns:
+            conn.close_async("target shutting down")
+        deadline = time.monotonic() + SHUTDOWN_WAIT
+        for conn in conns:
+            conn.finished.wait(max(0.0, deadline - time.monotonic()))
+        self._close_units()
+        log.info("target stopped")
+        self._stopped.set()
+
+    def _close_listeners(self) -> None:
+        for sock, _ in self._listeners:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        self._listeners = []
+
+    def _close_units(self) -> None:
+        for unit in self.units.values():
+            try:
+                unit.shutdown()
+            except Exception:
+                log.exception("LU%d: shutdown failed", unit.number)
