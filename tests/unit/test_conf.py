@@ -1,6 +1,8 @@
 """The lexer: istgt's grammar (istgt-core.md 2.1) plus fatal syntax errors."""
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from istgt.conf import ConfigError, SectionKind, parse_conf, read_conf, split_tokens
 
@@ -206,3 +208,28 @@ def test_read_conf_passes_non_utf8_bytes_through(tmp_path):
     conf = read_conf(path)
     assert conf.path == str(path)
     assert conf.find("S").first("Comment").value.encode("utf-8", "surrogateescape") == b"caf\xe9"
+
+
+# --- properties -------------------------------------------------------------------
+
+
+_token_text = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="\n\r"),
+    max_size=12,
+)
+
+
+@given(st.lists(_token_text, max_size=6))
+def test_double_quoted_tokens_round_trip(tokens):
+    line = " ".join('"' + t.replace("\\", "\\\\").replace('"', '\\"') + '"' for t in tokens)
+    assert split_tokens(line) == tokens
+
+
+@given(st.lists(_token_text, min_size=1, max_size=6), st.sampled_from(["\n", "\r\n"]))
+def test_continued_key_line_equals_single_line(tokens, newline):
+    quoted = ["'" + t.replace("'", "") + "'" for t in tokens]
+    one_line = parse_conf("[S]\nKey " + " ".join(quoted) + newline, "t.conf")
+    continued = parse_conf(
+        "[S]\nKey " + (" \\" + newline + "   ").join(quoted) + newline, "t.conf"
+    )
+    assert continued.find("S").items == one_line.find("S").items

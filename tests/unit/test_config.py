@@ -4,8 +4,11 @@ import dataclasses
 import logging
 import socket
 import textwrap
+from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from istgt.config import (
     AuthSpec,
@@ -712,7 +715,7 @@ def test_load_control_config(write):
 
 # --- the project's own etc/ files ---------------------------------------------------
 
-ETC = __import__("pathlib").Path(__file__).resolve().parents[2] / "etc"
+ETC = Path(__file__).resolve().parents[2] / "etc"
 
 
 def test_default_config_of_make_run():
@@ -737,3 +740,19 @@ def test_repeated_single_value_key_uses_first_and_warns_once(load, caplog):
         lu = load(with_lu_lines("ReadOnly Yes", "ReadOnly No")).logical_units[1]
     assert lu.read_only is True
     assert caplog.text.count("ReadOnly: repeated key ignored (line 12 is used)") == 1
+
+
+@given(
+    st.integers(min_value=0, max_value=10**6),
+    st.sampled_from(["", "k", "M", "g", "T", "p", "E"]),
+    st.sampled_from(["", "b", "B"]),
+)
+def test_parse_size_units_property(number, unit, suffix):
+    shift = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}[unit.lower()]
+    assert parse_size(f"{number}{unit}{suffix}") == min(number << shift, 2**64 - 1)
+
+
+@given(st.integers(0, 2**40), st.integers(0, 2**40))
+def test_parse_size_arithmetic_property(a, b):
+    assert parse_size(f"{a}+{b}") == a + b
+    assert parse_size(f"{a}-{b}") == max(a - b, 0)
