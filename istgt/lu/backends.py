@@ -1,0 +1,244 @@
+"""Backing stores for Disk LUs: a regular file or block device, and memory (tests).
+
+One small interface (`Backend`): `size` in bytes, `read`, `readinto`, `read_stable`,
+`write`, `write_durable`, `write_zeroes`, `flush`, `close`. Offsets and lengths are bytes;
+the SCSI layer checks ranges before calling. I/O errors propagate as OSError for the SCSI
+layer to turn into sense data.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+import threading
+from typing import Protocol
+
+BLKGETSIZE64 = 0x80081272  # Linux <linux/fs.h>: _IOR(0x12, 114, size_t)
+_ZERO_CHUNK = 1 << 20
+
+
+class BackendError(Exception):
+    """A backing store could not be opened or sized."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class Backend(Protocol):
+    size: int
+    read_only: bool
+
+    def read(self, offset: int, length: int) -> bytes | bytearray: ...
+
+    def readinto(self, offset: int, buffer: bytearray | memoryview) -> int: ...
+
+    def read_stable(self, offset: int, length: int) -> bytes | bytearray: ...
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
+
+    def write_durable(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
+
+    def write_zeroes(self, offset: int, length: int, durable: bool = False) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class FileBackend:
+    """A regular file or a block device accessed with pread/pwrite (position-independent,
+    so several workers may use one backend at once)."""
+
+    def __init__(self, path: str, fd: int, size: int, read_only: bool) -> None:
+        self.path = path
+        self.size = size
+        self.read_only = read_only
+        self._fd = fd
+        self._dirty_lock = threading.Lock()
+        self._dirty = False  # guarded by _dirty_lock: written since the last flush
+
+    @classmethod
+    def open(
+        cls, path: str, size: int | None, read_only: bool, block_length: int = 1
+    ) -> FileBackend:
+        """Open (or create) the backing store the way istgt does.
+
+        Open O_RDWR (O_RDONLY when read-only); if that fails and the LU is writable, create
+        the file (O_CREAT|O_EXCL, mode 0666). `size=None` (Auto) takes the current size. A
+        writable regular file smaller than `size` is extended sparsely. The exposed size is
+        rounded down to a multiple of `block_length`; zero is an error.
+        """
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            if read_only:
+                raise BackendError(path, "no such file (a ReadOnly LU never creates it)") from None
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            except OSError as exc:
+                raise BackendError(path, f"cannot create: {exc.strerror}") from None
+        except OSError as exc:
+            raise BackendError(path, f"cannot open: {exc.strerror}") from None
+        try:
+            actual = _current_size(path, fd)
+            is_regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            wanted = actual if size is None else size
+            if size is not None and is_regular and actual < size and not read_only:
+                try:
+                    os.ftruncate(fd, size)  # sparse: no blocks allocated
+                except OSError as exc:
+                    raise BackendError(path, f"cannot extend to {size} bytes: {exc.strerror}")
+            elif size is not None and not is_regular and actual < size:
+                raise BackendError(path, f"device holds {actual} bytes, less than {size}")
+            usable = wanted - wanted % block_length
+            if usable <= 0:
+                raise BackendError(path, "size is zero" + (" (Auto)" if size is None else ""))
+            return cls(path, fd, usable, read_only)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _mark_dirty(self) -> None:
+        with self._dirty_lock:
+            self._dirty = True
+
+    def read(self, offset: int, length: int) -> bytes | bytearray:
+        data = os.pread(self._fd, length, offset)
+        if len(data) == length:
+            return data
+        # Short read: past the physical end of a file, or a partial read; loop, then zeros.
+        buffer = bytearray(length)
+        self.readinto(offset, buffer)
+        return buffer
+
+    def readinto(self, offset: int, buffer: bytearray | memoryview) -> int:
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view):
+            count = os.preadv(self._fd, [view[done:]], offset + done)
+            if count == 0:
+                view[done:] = bytes(len(view) - done)  # beyond EOF of a sparse file
+                break
+            done += count
+        return len(view)
+
+    def read_stable(self, offset: int, length: int) -> bytes | bytearray:
+        """Read what stable storage holds: flush dirty data, drop the cached pages, read."""
+        self.flush()
+        try:
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass  # advisory only
+        return self.read(offset, length)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            count = os.pwrite(self._fd, view[done:], offset + done)
+            if count <= 0:
+                raise OSError(errno.EIO, "short write")
+            done += count
+        self._mark_dirty()
+
+    def write_durable(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.write(offset, data)
+        self.flush()
+
+    def write_zeroes(self, offset: int, length: int, durable: bool = False) -> None:
+        chunk = bytes(min(length, _ZERO_CHUNK))
+        done = 0
+        while done < length:
+            count = min(len(chunk), length - done)
+            self.write(offset + done, memoryview(chunk)[:count])
+            done += count
+        if durable:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._dirty_lock:
+            if not self._dirty:
+                return
+            self._dirty = False
+        try:
+            os.fdatasync(self._fd)
+        except OSError:
+            self._mark_dirty()  # still not known to be stable
+            raise
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            try:
+                if not self.read_only:
+                    self.flush()
+            finally:
+                os.close(self._fd)
+                self._fd = -1
+
+
+def _current_size(path: str, fd: int) -> int:
+    info = os.fstat(fd)
+    if stat.S_ISREG(info.st_mode):
+        return info.st_size
+    if stat.S_ISBLK(info.st_mode) or stat.S_ISCHR(info.st_mode):
+        try:
+            raw = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+        except OSError as exc:
+            raise BackendError(path, f"cannot size device: {exc.strerror}") from None
+        return int(struct.unpack("Q", raw)[0])
+    raise BackendError(path, "not a regular file or device")
+
+
+class MemoryBackend:
+    """A RAM disk for tests; counts flushes so tests can see durability requests."""
+
+    def __init__(self, size: int, read_only: bool = False) -> None:
+        self.size = size
+        self.read_only = read_only
+        self._data = bytearray(size)
+        self._lock = threading.Lock()
+        self.flush_count = 0
+        self.durable_writes = 0
+        self.closed = False
+
+    def read(self, offset: int, length: int) -> bytes | bytearray:
+        with self._lock:
+            return bytes(self._data[offset : offset + length])
+
+    def readinto(self, offset: int, buffer: bytearray | memoryview) -> int:
+        view = memoryview(buffer).cast("B")
+        with self._lock:
+            view[:] = self._data[offset : offset + len(view)]
+        return len(view)
+
+    def read_stable(self, offset: int, length: int) -> bytes | bytearray:
+        self.flush()
+        return self.read(offset, length)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        with self._lock:
+            self._data[offset : offset + len(view)] = view
+
+    def write_durable(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.write(offset, data)
+        self.durable_writes += 1
+        self.flush()
+
+    def write_zeroes(self, offset: int, length: int, durable: bool = False) -> None:
+        with self._lock:
+            self._data[offset : offset + length] = bytes(length)
+        if durable:
+            self.flush()
+
+    def flush(self) -> None:
+        self.flush_count += 1
+
+    def close(self) -> None:
+        self.closed = True

@@ -1,0 +1,749 @@
+"""DiskDevice: a direct-access block device (SBC-3) on a backing store.
+
+`execute(task)` decodes the CDB through the opcode table (`DISK_COMMANDS`), applies the
+SAM-5 checks (unit attentions, readiness, reserved bits), runs the handler and always
+leaves a status (and sense data for CHECK CONDITION); it never raises.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import struct
+import threading
+from typing import Any, Iterable
+
+from istgt.scsi import spc
+from istgt.scsi.command import (
+    CommandSpec,
+    CommandTable,
+    ITNexus,
+    ScsiTask,
+    check_reserved_bits,
+    u16,
+    u24,
+    u32,
+    u64,
+    usage_mask,
+)
+from istgt.scsi.constants import (
+    Asc,
+    DataDirection,
+    Opcode,
+    PeripheralDeviceType,
+    ResetKind,
+    ScsiStatus,
+    SenseKey,
+)
+from istgt.scsi.modepages import ModePages, disk_page_definitions
+from istgt.scsi.sense import CheckCondition, encode_sense, invalid_field_in_cdb
+
+log = logging.getLogger(__name__)
+
+# What the transport can move in one command; advertised in the Block Limits VPD page.
+MAX_TRANSFER_BYTES = 32 * 1024 * 1024
+OPTIMAL_TRANSFER_BYTES = 1024 * 1024
+MAX_WRITE_SAME_BYTES = 64 * 1024 * 1024
+MAX_COMPARE_AND_WRITE_BLOCKS = 255
+WRITE_SAME_CHUNK_BYTES = 1024 * 1024
+
+DEFAULT_RPM = 7200
+DEFAULT_FORM_FACTOR = 2  # 3.5 inch
+
+# Byte 1 flag bits shared by the READ/WRITE family
+DPO = 0x10
+FUA = 0x08
+FUA_NV = 0x02
+
+
+def _attr(obj: Any, name: str, default: Any) -> Any:
+    value = getattr(obj, name, default)
+    return default if value is None else value
+
+
+class DiskDevice:
+    """One Disk LUN: `DiskDevice(lu_config, lun_config, backend)`."""
+
+    peripheral_type = PeripheralDeviceType.DIRECT_ACCESS
+    removable = False
+
+    def __init__(self, lu: Any, lun: Any, backend: Any) -> None:
+        self.backend = backend
+        self.block_length: int = int(_attr(lu, "block_length", 512))
+        self.block_count: int = backend.size // self.block_length
+        if self.block_count <= 0:
+            raise ValueError(f"LUN{lun.number}: backing store smaller than one block")
+        self.read_only: bool = bool(_attr(lu, "read_only", False)) or bool(
+            getattr(backend, "read_only", False)
+        )
+        self.online: bool = bool(_attr(lu, "online", True))
+        self.command_queuing: bool = int(_attr(lu, "queue_depth", 32)) > 0
+        self.lun_number: int = int(lun.number)
+        self._all_luns = tuple(sorted(_attr(lu, "luns", {}) or {self.lun_number: None}))
+        inquiry = getattr(lu, "inquiry", None)
+        serial = _attr(lun, "serial", "") or _attr(inquiry, "serial", "") or f"{lu.number}"
+        self.identity = spc.DeviceIdentity(
+            vendor=_attr(inquiry, "vendor", "FreeBSD"),
+            product=_attr(inquiry, "product", "iSCSI DISK"),
+            revision=_attr(inquiry, "revision", "0001"),
+            serial=serial,
+            target_name=str(lu.name),
+            lun=self.lun_number,
+        )
+        self.rpm: int = min(max(int(_attr(lun, "rpm", DEFAULT_RPM)), 0), 0xFFFE)
+        self.form_factor: int = min(max(int(_attr(lun, "form_factor", DEFAULT_FORM_FACTOR)), 0), 15)
+        self.mode_pages = ModePages(
+            disk_page_definitions(
+                write_cache=bool(_attr(lun, "write_cache", True)),
+                read_cache=bool(_attr(lun, "read_cache", True)),
+            )
+        )
+        self.table = DISK_COMMANDS
+        self._state_lock = threading.Lock()
+        # guarded by _state_lock: pending unit attentions per nexus (a known nexus has a list)
+        self._unit_attentions: dict[ITNexus, list[int]] = {}
+        self._stopped = False  # guarded by _state_lock
+        self._prevent: set[ITNexus] = set()  # guarded by _state_lock
+        # Serialises read-modify-write commands (COMPARE AND WRITE, ORWRITE) against each other.
+        self._atomic_lock = threading.Lock()
+
+    # --- public API -----------------------------------------------------------------
+
+    def execute(self, task: ScsiTask) -> None:
+        """Run one command; always sets task.status (and sense for CHECK CONDITION)."""
+        task.status = ScsiStatus.GOOD
+        task.sense = b""
+        task.data_in = None
+        try:
+            self._dispatch(task)
+        except CheckCondition as condition:
+            self._fail(task, condition)
+        except Exception:  # noqa: BLE001 - a target must answer every command
+            log.exception("LUN%d: internal error executing CDB %s", self.lun_number, task.cdb.hex())
+            self._fail(
+                task, CheckCondition(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)
+            )
+
+    def nexus_lost(self, nexus: ITNexus) -> None:
+        """The I_T nexus is gone: forget its state; a later one with the same ports starts
+        afresh (and is told about the power-on/reset like any new nexus)."""
+        with self._state_lock:
+            self._unit_attentions.pop(nexus, None)
+            self._prevent.discard(nexus)
+
+    def reset(self, kind: ResetKind = ResetKind.LOGICAL_UNIT) -> None:
+        """A LOGICAL UNIT RESET / target reset: report it to every nexus (SAM-5 6.3)."""
+        self.mode_pages.reset()
+        try:
+            self.flush()
+        except OSError:
+            log.exception("LUN%d: flush during reset failed", self.lun_number)
+        with self._state_lock:
+            self._prevent.clear()
+            if kind in (ResetKind.POWER_ON, ResetKind.TARGET_COLD):
+                self._stopped = False
+            for pending in self._unit_attentions.values():
+                pending[:] = [kind.unit_attention]
+
+    def flush(self) -> None:
+        if not self.read_only:
+            self.backend.flush()
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def lun_numbers(self) -> Iterable[int]:
+        return self._all_luns
+
+    # --- dispatch -------------------------------------------------------------------
+
+    @property
+    def descriptor_sense(self) -> bool:
+        return self.mode_pages.descriptor_sense
+
+    def _fail(self, task: ScsiTask, condition: CheckCondition) -> None:
+        task.status = ScsiStatus.CHECK_CONDITION
+        task.sense = condition.encode(self.descriptor_sense)
+        task.data_in = None
+
+    def _dispatch(self, task: ScsiTask) -> None:
+        cdb = task.cdb
+        if not cdb:
+            raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_COMMAND_OPERATION_CODE)
+        opcode = cdb[0]
+        exempt = opcode in (Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE)
+        attention = self._take_unit_attention(task.nexus, consume=not exempt)
+        if attention is not None:
+            raise CheckCondition(SenseKey.UNIT_ATTENTION, attention)
+        spec = self.table.lookup(cdb)
+        if not self.online and not spec.allowed_offline:
+            raise CheckCondition(
+                SenseKey.NOT_READY, Asc.LOGICAL_UNIT_NOT_READY_MANUAL_INTERVENTION_REQUIRED
+            )
+        check_reserved_bits(spec, cdb)
+        if spec.medium_access and self._stopped:
+            raise CheckCondition(
+                SenseKey.NOT_READY, Asc.LOGICAL_UNIT_NOT_READY_INITIALIZING_COMMAND_REQUIRED
+            )
+        spec.handler(self, task)
+
+    # --- unit attentions --------------------------------------------------------------
+
+    def _take_unit_attention(self, nexus: ITNexus, consume: bool) -> int | None:
+        with self._state_lock:
+            pending = self._unit_attentions.get(nexus)
+            if pending is None:
+                pending = [Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET]
+                self._unit_attentions[nexus] = pending
+            if consume and pending:
+                return pending.pop(0)
+            return None
+
+    def _queue_unit_attention(self, asc: int, except_nexus: ITNexus | None = None) -> None:
+        with self._state_lock:
+            for nexus, pending in self._unit_attentions.items():
+                if nexus != except_nexus and asc not in pending:
+                    pending.append(asc)
+
+    def pending_sense(self, nexus: ITNexus, descriptor: bool) -> bytes | None:
+        """For REQUEST SENSE: the oldest unit attention (cleared), or the not-ready state."""
+        with self._state_lock:
+            pending = self._unit_attentions.setdefault(nexus, [])
+            if pending:
+                return encode_sense(SenseKey.UNIT_ATTENTION, pending.pop(0), descriptor=descriptor)
+            if self._stopped:
+                return encode_sense(
+                    SenseKey.NOT_READY,
+                    Asc.LOGICAL_UNIT_NOT_READY_INITIALIZING_COMMAND_REQUIRED,
+                    descriptor=descriptor,
+                )
+        return None
+
+    def mode_select_changed(self, nexus: ITNexus) -> None:
+        self._queue_unit_attention(Asc.MODE_PARAMETERS_CHANGED, except_nexus=nexus)
+
+    # --- data for SPC handlers --------------------------------------------------------
+
+    def supported_vpd_pages(self) -> list[int]:
+        return [0x00, 0x80, 0x83, 0x86, 0xB0, 0xB1, 0xB2]
+
+    def vpd_page(self, page: int, nexus: ITNexus) -> bytes | None:
+        if page not in self.supported_vpd_pages():
+            return None
+        common = spc.common_vpd_page(self, page, nexus)
+        if common is not None:
+            return common
+        pdt = self.peripheral_type
+        if page == 0xB0:
+            return spc.vpd(0xB0, pdt, self._block_limits())
+        if page == 0xB1:
+            body = bytearray(0x3C)
+            struct.pack_into(">H", body, 0, self.rpm)
+            body[3] = self.form_factor
+            return spc.vpd(0xB1, pdt, bytes(body))
+        if page == 0xB2:
+            # No logical block provisioning (fully provisioned; no UNMAP).
+            return spc.vpd(0xB2, pdt, bytes(4))
+        return None
+
+    def _block_limits(self) -> bytes:
+        bl = self.block_length
+        body = bytearray(0x3C)
+        body[1] = min(MAX_COMPARE_AND_WRITE_BLOCKS, MAX_TRANSFER_BYTES // bl // 2)
+        struct.pack_into(">H", body, 2, max(1, 4096 // bl))  # optimal granularity
+        struct.pack_into(">I", body, 4, MAX_TRANSFER_BYTES // bl)
+        struct.pack_into(">I", body, 8, OPTIMAL_TRANSFER_BYTES // bl)
+        struct.pack_into(">I", body, 12, MAX_TRANSFER_BYTES // bl)  # max prefetch
+        struct.pack_into(">Q", body, 32, self.max_write_same_blocks)
+        return bytes(body)
+
+    @property
+    def max_write_same_blocks(self) -> int:
+        return MAX_WRITE_SAME_BYTES // self.block_length
+
+    def device_specific_parameter(self) -> int:
+        protected = self.read_only or self.mode_pages.software_write_protect
+        return (0x80 if protected else 0) | 0x10  # WP, DPOFUA
+
+    def block_descriptor(self, long_lba: bool) -> bytes:
+        if long_lba:
+            return struct.pack(">Q4xI", self.block_count, self.block_length)
+        count = min(self.block_count, 0xFFFFFFFF)
+        return struct.pack(">II", count, self.block_length & 0xFFFFFF)
+
+    # --- helpers for SBC handlers -----------------------------------------------------
+
+    def check_range(self, lba: int, blocks: int) -> None:
+        if lba + blocks > self.block_count:
+            raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE)
+
+    def check_writable(self) -> None:
+        if self.read_only:
+            raise CheckCondition(SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
+        if self.mode_pages.software_write_protect:
+            raise CheckCondition(SenseKey.DATA_PROTECT, Asc.LOGICAL_UNIT_SOFTWARE_WRITE_PROTECTED)
+
+    def read_blocks(self, lba: int, blocks: int, from_medium: bool) -> bytes | bytearray:
+        offset = lba * self.block_length
+        length = blocks * self.block_length
+        from_medium = from_medium or self.mode_pages.read_cache_disabled
+        try:
+            if from_medium:
+                return self.backend.read_stable(offset, length)
+            return self.backend.read(offset, length)
+        except OSError as exc:
+            log.error("LUN%d: read at LBA %d failed: %s", self.lun_number, lba, exc)
+            raise CheckCondition(SenseKey.MEDIUM_ERROR, Asc.UNRECOVERED_READ_ERROR, info=lba) from None
+
+    def write_blocks(self, lba: int, data: bytes | bytearray | memoryview, force_unit_access: bool) -> None:
+        durable = force_unit_access or not self.mode_pages.write_cache_enabled
+        offset = lba * self.block_length
+        try:
+            if durable:
+                self.backend.write_durable(offset, data)
+            else:
+                self.backend.write(offset, data)
+        except OSError as exc:
+            raise _write_failure(self.lun_number, lba, exc) from None
+
+    def sync(self, lba: int) -> None:
+        try:
+            self.backend.flush()
+        except OSError as exc:
+            raise _write_failure(self.lun_number, lba, exc) from None
+
+
+def _write_failure(lun: int, lba: int, exc: OSError) -> CheckCondition:
+    log.error("LUN%d: write at LBA %d failed: %s", lun, lba, exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CheckCondition(SenseKey.DATA_PROTECT, Asc.SPACE_ALLOCATION_FAILED_WRITE_PROTECT, info=lba)
+    return CheckCondition(SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR, info=lba)
+
+
+def data_out(task: ScsiTask, length: int) -> memoryview:
+    """The first `length` bytes of Data-Out. Fewer bytes than the CDB asks for means the
+    initiator's expected transfer length is short: refuse rather than write garbage."""
+    data = task.data_out
+    if data is None or len(data) < length:
+        raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_INFORMATION_UNIT)
+    return data[:length]
+
+
+def lba_and_length(cdb: bytes) -> tuple[int, int]:
+    """LBA and transfer length of a READ/WRITE/VERIFY-shaped CDB of any size."""
+    size = len(cdb)
+    opcode = cdb[0]
+    if opcode < 0x20:
+        blocks = cdb[4]
+        return u24(cdb, 1) & 0x1FFFFF, 256 if blocks == 0 else blocks
+    if opcode < 0x60:
+        return u32(cdb, 2), u16(cdb, 7)
+    if opcode >= 0xA0:
+        return u32(cdb, 2), u32(cdb, 6)
+    if size >= 14:
+        return u64(cdb, 2), u32(cdb, 10)
+    raise invalid_field_in_cdb(0)
+
+
+# --- SBC handlers -------------------------------------------------------------------------
+
+
+def read(device: DiskDevice, task: ScsiTask) -> None:
+    lba, blocks = lba_and_length(task.cdb)
+    device.check_range(lba, blocks)
+    if blocks == 0:
+        return
+    fua = task.cdb[0] != Opcode.READ_6 and bool(task.cdb[1] & FUA)
+    task.data_in = device.read_blocks(lba, blocks, from_medium=fua)
+
+
+def write(device: DiskDevice, task: ScsiTask) -> None:
+    lba, blocks = lba_and_length(task.cdb)
+    device.check_range(lba, blocks)
+    device.check_writable()
+    if blocks == 0:
+        return
+    data = data_out(task, blocks * device.block_length)
+    fua = task.cdb[0] != Opcode.WRITE_6 and bool(task.cdb[1] & FUA)
+    device.write_blocks(lba, data, force_unit_access=fua)
+
+
+def _compare(device: DiskDevice, lba: int, expected: bytes | memoryview, stored: bytes | bytearray) -> None:
+    if expected != stored:
+        mismatch = next(i for i, (a, b) in enumerate(zip(bytes(expected), stored)) if a != b)
+        raise CheckCondition(SenseKey.MISCOMPARE, Asc.MISCOMPARE_DURING_VERIFY, info=mismatch)
+
+
+def verify(device: DiskDevice, task: ScsiTask) -> None:
+    lba, blocks = lba_and_length(task.cdb)
+    byte_check = (task.cdb[1] >> 1) & 0x03
+    if byte_check == 2:
+        raise invalid_field_in_cdb(1, 2)
+    device.check_range(lba, blocks)
+    if blocks == 0:
+        return
+    stored = device.read_blocks(lba, blocks, from_medium=True)
+    if byte_check == 0:
+        return  # the medium was readable: verified
+    if byte_check == 1:
+        expected: bytes | memoryview = data_out(task, blocks * device.block_length)
+    else:  # 11b: one block of Data-Out compared with every block
+        expected = bytes(data_out(task, device.block_length)) * blocks
+    _compare(device, lba, expected, stored)
+
+
+def write_and_verify(device: DiskDevice, task: ScsiTask) -> None:
+    lba, blocks = lba_and_length(task.cdb)
+    byte_check = (task.cdb[1] >> 1) & 0x03
+    if byte_check > 1:
+        raise invalid_field_in_cdb(1, 2)
+    device.check_range(lba, blocks)
+    device.check_writable()
+    if blocks == 0:
+        return
+    data = data_out(task, blocks * device.block_length)
+    device.write_blocks(lba, data, force_unit_access=True)
+    if byte_check:
+        _compare(device, lba, data, device.read_blocks(lba, blocks, from_medium=True))
+    else:
+        device.read_blocks(lba, blocks, from_medium=True)
+
+
+def orwrite(device: DiskDevice, task: ScsiTask) -> None:
+    cdb = task.cdb
+    lba, blocks = u64(cdb, 2), u32(cdb, 10)
+    device.check_range(lba, blocks)
+    device.check_writable()
+    if blocks == 0:
+        return
+    data = data_out(task, blocks * device.block_length)
+    with device._atomic_lock:
+        stored = device.read_blocks(lba, blocks, from_medium=False)
+        merged = (int.from_bytes(stored, "big") | int.from_bytes(data, "big")).to_bytes(
+            len(stored), "big"
+        )
+        device.write_blocks(lba, merged, force_unit_access=bool(cdb[1] & FUA))
+
+
+def compare_and_write(device: DiskDevice, task: ScsiTask) -> None:
+    cdb = task.cdb
+    lba, blocks = u64(cdb, 2), cdb[13]
+    if blocks > min(MAX_COMPARE_AND_WRITE_BLOCKS, MAX_TRANSFER_BYTES // device.block_length // 2):
+        raise invalid_field_in_cdb(13)
+    device.check_range(lba, blocks)
+    device.check_writable()
+    if blocks == 0:
+        return
+    length = blocks * device.block_length
+    if task.data_out is None or len(task.data_out) != 2 * length:
+        raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_INFORMATION_UNIT)
+    payload = data_out(task, 2 * length)
+    with device._atomic_lock:
+        stored = device.read_blocks(lba, blocks, from_medium=False)
+        _compare(device, lba, payload[:length], stored)
+        device.write_blocks(lba, payload[length:], force_unit_access=bool(cdb[1] & FUA))
+
+
+def write_same(device: DiskDevice, task: ScsiTask) -> None:
+    cdb = task.cdb
+    if cdb[0] == Opcode.WRITE_SAME_10:
+        lba, blocks = u32(cdb, 2), u16(cdb, 7)
+    else:
+        lba, blocks = u64(cdb, 2), u32(cdb, 10)
+    flags = cdb[1]
+    if flags & 0x10:  # ANCHOR needs logical block provisioning
+        raise invalid_field_in_cdb(1, 4)
+    if flags & 0x04 or flags & 0x02:  # PBDATA / LBDATA: no protection information
+        raise invalid_field_in_cdb(1, 2 if flags & 0x04 else 1)
+    if blocks == 0:
+        device.check_range(lba, 0)
+        blocks = device.block_count - lba
+    if blocks > device.max_write_same_blocks:
+        raise invalid_field_in_cdb(7 if cdb[0] == Opcode.WRITE_SAME_10 else 10)
+    device.check_range(lba, blocks)
+    device.check_writable()
+    bl = device.block_length
+    no_data_out = cdb[0] == Opcode.WRITE_SAME_16 and flags & 0x01  # NDOB
+    if no_data_out:
+        pattern = bytes(bl)
+    else:
+        if task.data_out is None or len(task.data_out) != bl:
+            raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_INFORMATION_UNIT)
+        pattern = bytes(task.data_out[:bl])
+    if blocks == 0:
+        return
+    # The UNMAP bit is a hint; without provisioning support the blocks are written.
+    per_chunk = max(1, WRITE_SAME_CHUNK_BYTES // bl)
+    chunk = pattern * min(per_chunk, blocks)
+    done = 0
+    while done < blocks:
+        count = min(per_chunk, blocks - done)
+        device.write_blocks(lba + done, memoryview(chunk)[: count * bl], force_unit_access=False)
+        done += count
+
+
+def synchronize_cache(device: DiskDevice, task: ScsiTask) -> None:
+    cdb = task.cdb
+    if cdb[0] == Opcode.SYNCHRONIZE_CACHE_10:
+        lba, blocks = u32(cdb, 2), u16(cdb, 7)
+    else:
+        lba, blocks = u64(cdb, 2), u32(cdb, 10)
+    device.check_range(lba, blocks)
+    # IMMED: flushing before GOOD is still allowed (and safer).
+    if not device.read_only:
+        device.sync(lba)
+
+
+def pre_fetch(device: DiskDevice, task: ScsiTask) -> None:
+    cdb = task.cdb
+    if cdb[0] == Opcode.PRE_FETCH_10:
+        lba, blocks = u32(cdb, 2), u16(cdb, 7)
+    else:
+        lba, blocks = u64(cdb, 2), u32(cdb, 10)
+    device.check_range(lba, blocks)
+    # Nothing is held back for later: the page cache does read-ahead by itself.
+
+
+def read_capacity_10(device: DiskDevice, task: ScsiTask) -> None:
+    cdb = task.cdb
+    if not cdb[8] & 0x01 and u32(cdb, 2):
+        raise invalid_field_in_cdb(2)  # LBA without PMI
+    last = min(device.block_count - 1, 0xFFFFFFFF)
+    task.data_in = struct.pack(">II", last, device.block_length)
+
+
+def read_capacity_16(device: DiskDevice, task: ScsiTask) -> None:
+    cdb = task.cdb
+    if not cdb[14] & 0x01 and u64(cdb, 2):
+        raise invalid_field_in_cdb(2)
+    allocation_length = u32(cdb, 10)
+    data = bytearray(32)
+    struct.pack_into(">QI", data, 0, device.block_count - 1, device.block_length)
+    spc.respond(task, bytes(data), allocation_length)
+
+
+def get_lba_status(device: DiskDevice, task: ScsiTask) -> None:
+    cdb = task.cdb
+    lba = u64(cdb, 2)
+    allocation_length = u32(cdb, 10)
+    if lba >= device.block_count:
+        raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE)
+    # Fully provisioned: one descriptor, everything from LBA to the end is mapped.
+    blocks = min(device.block_count - lba, 0xFFFFFFFF)
+    descriptor = struct.pack(">QIB3x", lba, blocks, 0)
+    data = struct.pack(">I4x", 4 + len(descriptor)) + descriptor
+    spc.respond(task, data, allocation_length)
+
+
+def start_stop_unit(device: DiskDevice, task: ScsiTask) -> None:
+    cdb = task.cdb
+    power_condition = cdb[4] >> 4
+    start = bool(cdb[4] & 0x01)
+    no_flush = bool(cdb[4] & 0x04)
+    if power_condition:
+        return  # power conditions only change power use, which we do not model
+    if not start and not no_flush and not device.read_only:
+        device.sync(0)
+    with device._state_lock:
+        device._stopped = not start
+
+
+def prevent_allow_medium_removal(device: DiskDevice, task: ScsiTask) -> None:
+    prevent = task.cdb[4] & 0x03
+    with device._state_lock:
+        if prevent & 0x01:
+            device._prevent.add(task.nexus)
+        else:
+            device._prevent.discard(task.nexus)
+
+
+def report_luns(device: DiskDevice, task: ScsiTask) -> None:
+    spc.execute_report_luns(task, device.lun_numbers())
+
+
+def read_defect_data(device: DiskDevice, task: ScsiTask) -> None:
+    cdb = task.cdb
+    lists = cdb[2] & 0x18
+    list_format = cdb[2] & 0x07
+    if cdb[0] == Opcode.READ_DEFECT_DATA_10:
+        allocation_length = u16(cdb, 7)
+        data = struct.pack(">xBH", lists | list_format, 0)
+    else:
+        allocation_length = u32(cdb, 6)
+        data = struct.pack(">xBxxI", lists | list_format, 0)
+    spc.respond(task, data, allocation_length)
+
+
+# --- the opcode table ---------------------------------------------------------------------
+
+_IN, _OUT, _NONE = DataDirection.IN, DataDirection.OUT, DataDirection.NONE
+
+
+def _spec(
+    opcode: int,
+    name: str,
+    handler: Any,
+    direction: DataDirection,
+    fields: tuple[tuple[int, int], ...],
+    service_action: int | None = None,
+    **flags: bool,
+) -> CommandSpec:
+    extra = ((1, service_action),) if service_action is not None else ()
+    return CommandSpec(
+        opcode=opcode,
+        service_action=service_action,
+        name=name,
+        handler=handler,
+        direction=direction,
+        usage=usage_mask(opcode, *fields, *extra),
+        **flags,
+    )
+
+
+_LBA10 = ((2, 0xFF), (3, 0xFF), (4, 0xFF), (5, 0xFF))
+_LBA16 = tuple((i, 0xFF) for i in range(2, 10))
+_LEN10 = ((7, 0xFF), (8, 0xFF))
+_LEN12 = tuple((i, 0xFF) for i in range(6, 10))
+_LEN16 = tuple((i, 0xFF) for i in range(10, 14))
+_GROUP10 = ((6, 0x1F),)
+_GROUP12 = ((10, 0x1F),)
+_GROUP16 = ((14, 0x1F),)
+_RW_FLAGS = ((1, DPO | FUA | FUA_NV),)
+_MEDIUM = {"medium_access": True}
+
+DISK_COMMANDS = CommandTable(
+    [
+        _spec(Opcode.TEST_UNIT_READY, "TEST UNIT READY", spc.test_unit_ready, _NONE, (), **_MEDIUM),
+        _spec(
+            Opcode.REQUEST_SENSE, "REQUEST SENSE", spc.request_sense, _IN,
+            ((1, 0x01), (4, 0xFF)), allowed_offline=True,
+        ),
+        _spec(
+            Opcode.READ_6, "READ(6)", read, _IN,
+            ((1, 0x1F), (2, 0xFF), (3, 0xFF), (4, 0xFF)), **_MEDIUM,
+        ),
+        _spec(
+            Opcode.WRITE_6, "WRITE(6)", write, _OUT,
+            ((1, 0x1F), (2, 0xFF), (3, 0xFF), (4, 0xFF)), **_MEDIUM,
+        ),
+        _spec(
+            Opcode.INQUIRY, "INQUIRY", spc.inquiry, _IN,
+            ((1, 0x01), (2, 0xFF), (3, 0xFF), (4, 0xFF)),
+            allowed_offline=True,
+        ),
+        _spec(Opcode.MODE_SELECT_6, "MODE SELECT(6)", spc.mode_select, _OUT, ((1, 0x11), (4, 0xFF))),
+        _spec(
+            Opcode.MODE_SENSE_6, "MODE SENSE(6)", spc.mode_sense, _IN,
+            ((1, 0x08), (2, 0xFF), (3, 0xFF), (4, 0xFF)),
+        ),
+        _spec(
+            Opcode.START_STOP_UNIT, "START STOP UNIT", start_stop_unit, _NONE,
+            ((1, 0x01), (3, 0x0F), (4, 0xF7)),
+        ),
+        _spec(
+            Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL, "PREVENT ALLOW MEDIUM REMOVAL",
+            prevent_allow_medium_removal, _NONE, ((4, 0x03),),
+        ),
+        _spec(
+            Opcode.READ_CAPACITY_10, "READ CAPACITY(10)", read_capacity_10, _IN,
+            (*_LBA10, (8, 0x01)), **_MEDIUM,
+        ),
+        _spec(Opcode.READ_10, "READ(10)", read, _IN, (*_RW_FLAGS, *_LBA10, *_GROUP10, *_LEN10), **_MEDIUM),
+        _spec(Opcode.WRITE_10, "WRITE(10)", write, _OUT, (*_RW_FLAGS, *_LBA10, *_GROUP10, *_LEN10), **_MEDIUM),
+        _spec(
+            Opcode.WRITE_AND_VERIFY_10, "WRITE AND VERIFY(10)", write_and_verify, _OUT,
+            ((1, DPO | 0x06), *_LBA10, *_GROUP10, *_LEN10), **_MEDIUM,
+        ),
+        _spec(
+            Opcode.VERIFY_10, "VERIFY(10)", verify, _OUT,
+            ((1, DPO | 0x06), *_LBA10, *_GROUP10, *_LEN10), **_MEDIUM,
+        ),
+        _spec(
+            Opcode.PRE_FETCH_10, "PRE-FETCH(10)", pre_fetch, _NONE,
+            ((1, 0x02), *_LBA10, *_GROUP10, *_LEN10), **_MEDIUM,
+        ),
+        _spec(
+            Opcode.SYNCHRONIZE_CACHE_10, "SYNCHRONIZE CACHE(10)", synchronize_cache, _NONE,
+            ((1, 0x06), *_LBA10, *_GROUP10, *_LEN10), **_MEDIUM,
+        ),
+        _spec(
+            Opcode.READ_DEFECT_DATA_10, "READ DEFECT DATA(10)", read_defect_data, _IN,
+            ((2, 0x1F), *_LEN10),
+        ),
+        _spec(
+            Opcode.WRITE_SAME_10, "WRITE SAME(10)", write_same, _OUT,
+            ((1, 0x08), *_LBA10, *_GROUP10, *_LEN10), **_MEDIUM,
+        ),
+        _spec(
+            Opcode.MODE_SELECT_10, "MODE SELECT(10)", spc.mode_select, _OUT,
+            ((1, 0x11), (7, 0xFF), (8, 0xFF)),
+        ),
+        _spec(
+            Opcode.MODE_SENSE_10, "MODE SENSE(10)", spc.mode_sense, _IN,
+            ((1, 0x18), (2, 0xFF), (3, 0xFF), (7, 0xFF), (8, 0xFF)),
+        ),
+        _spec(Opcode.READ_16, "READ(16)", read, _IN, (*_RW_FLAGS, *_LBA16, *_LEN16, *_GROUP16), **_MEDIUM),
+        _spec(
+            Opcode.COMPARE_AND_WRITE, "COMPARE AND WRITE", compare_and_write, _OUT,
+            (*_RW_FLAGS, *_LBA16, (13, 0xFF), *_GROUP16), **_MEDIUM,
+        ),
+        _spec(Opcode.WRITE_16, "WRITE(16)", write, _OUT, (*_RW_FLAGS, *_LBA16, *_LEN16, *_GROUP16), **_MEDIUM),
+        _spec(Opcode.ORWRITE_16, "ORWRITE(16)", orwrite, _OUT, (*_RW_FLAGS, *_LBA16, *_LEN16, *_GROUP16), **_MEDIUM),
+        _spec(
+            Opcode.WRITE_AND_VERIFY_16, "WRITE AND VERIFY(16)", write_and_verify, _OUT,
+            ((1, DPO | 0x06), *_LBA16, *_LEN16, *_GROUP16), **_MEDIUM,
+        ),
+        _spec(
+            Opcode.VERIFY_16, "VERIFY(16)", verify, _OUT,
+            ((1, DPO | 0x06), *_LBA16, *_LEN16, *_GROUP16), **_MEDIUM,
+        ),
+        _spec(
+            Opcode.PRE_FETCH_16, "PRE-FETCH(16)", pre_fetch, _NONE,
+            ((1, 0x02), *_LBA16, *_LEN16, *_GROUP16), **_MEDIUM,
+        ),
+        _spec(
+            Opcode.SYNCHRONIZE_CACHE_16, "SYNCHRONIZE CACHE(16)", synchronize_cache, _NONE,
+            ((1, 0x06), *_LBA16, *_LEN16, *_GROUP16), **_MEDIUM,
+        ),
+        _spec(
+            Opcode.WRITE_SAME_16, "WRITE SAME(16)", write_same, _OUT,
+            ((1, 0x09), *_LBA16, *_LEN16, *_GROUP16), **_MEDIUM,
+        ),
+        _spec(
+            Opcode.SERVICE_ACTION_IN_16, "READ CAPACITY(16)", read_capacity_16, _IN,
+            (*_LBA16, *_LEN16, (14, 0x01)), service_action=0x10, **_MEDIUM,
+        ),
+        _spec(
+            Opcode.SERVICE_ACTION_IN_16, "GET LBA STATUS", get_lba_status, _IN,
+            (*_LBA16, *_LEN16), service_action=0x12, **_MEDIUM,
+        ),
+        _spec(
+            Opcode.REPORT_LUNS, "REPORT LUNS", report_luns, _IN,
+            ((2, 0xFF), *_LEN12), allowed_offline=True,
+        ),
+        _spec(
+            Opcode.MAINTENANCE_IN, "REPORT SUPPORTED OPERATION CODES",
+            spc.report_supported_operation_codes, _IN,
+            ((2, 0x87), (3, 0xFF), (4, 0xFF), (5, 0xFF), *_LEN12), service_action=0x0C,
+        ),
+        _spec(
+            Opcode.MAINTENANCE_IN, "REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS",
+            spc.report_supported_task_management_functions, _IN,
+            ((2, 0x80), *_LEN12), service_action=0x0D,
+        ),
+        _spec(Opcode.READ_12, "READ(12)", read, _IN, (*_RW_FLAGS, *_LBA10, *_LEN12, *_GROUP12), **_MEDIUM),
+        _spec(Opcode.WRITE_12, "WRITE(12)", write, _OUT, (*_RW_FLAGS, *_LBA10, *_LEN12, *_GROUP12), **_MEDIUM),
+        _spec(
+            Opcode.WRITE_AND_VERIFY_12, "WRITE AND VERIFY(12)", write_and_verify, _OUT,
+            ((1, DPO | 0x06), *_LBA10, *_LEN12, *_GROUP12), **_MEDIUM,
+        ),
+        _spec(
+            Opcode.VERIFY_12, "VERIFY(12)", verify, _OUT,
+            ((1, DPO | 0x06), *_LBA10, *_LEN12, *_GROUP12), **_MEDIUM,
+        ),
+        _spec(
+            Opcode.READ_DEFECT_DATA_12, "READ DEFECT DATA(12)", read_defect_data, _IN,
+            ((2, 0x1F), *_LEN12),
+        ),
+    ]
+)
