@@ -62,6 +62,12 @@ Target-originated keys (``declarations``), sent only in the operational stage:
     The initiator's next mention of a proposed key is taken as the *answer* (checked against the
     result function; an invalid answer or a refusal is a ``NegotiationError``). While an answer
     is outstanding ``awaiting_answer`` is non-empty and the login must not set T=1.
+  * ``check_ready`` (before Full Feature Phase) fails the login when the outcome still breaks the
+    configuration: a required digest refused with ``Reject``, or defaults above the configured
+    limits because the initiator skipped the operational stage.
+
+On a non-leading connection the session-wide fields of ``result`` are RFC defaults: the values
+in force are those of the session's leading connection.
 """
 
 from __future__ import annotations
@@ -311,7 +317,8 @@ class KeySpec:
     default: Any = None
     low: int = 0
     high: int = 0
-    discovery_irrelevant: bool = False
+    limit: str = ""  # IscsiParams attribute with the target's own value
+    fixed: int | None = None  # the target's value when the configuration cannot change it
 
 
 _LEN_HIGH = 2**24 - 1
@@ -319,20 +326,30 @@ _SPECS = (
     KeySpec("HeaderDigest", Kind.LIST, Use.IO, "None"),
     KeySpec("DataDigest", Kind.LIST, Use.IO, "None"),
     KeySpec("AuthMethod", Kind.LIST, Use.SECURITY, "None"),
-    KeySpec("TaskReporting", Kind.LIST, Use.LO, "RFC3720", discovery_irrelevant=True),
-    KeySpec("MaxConnections", Kind.MIN, Use.LO, 1, 1, 65535, discovery_irrelevant=True),
-    KeySpec("InitialR2T", Kind.OR, Use.LO, True, discovery_irrelevant=True),
-    KeySpec("ImmediateData", Kind.AND, Use.LO, True, discovery_irrelevant=True),
-    KeySpec("MaxBurstLength", Kind.MIN, Use.LO, 262144, 512, _LEN_HIGH, True),
-    KeySpec("FirstBurstLength", Kind.MIN, Use.LO, 65536, 512, _LEN_HIGH, True),
-    KeySpec("DefaultTime2Wait", Kind.MAX, Use.LO, 2, 0, 3600),
-    KeySpec("DefaultTime2Retain", Kind.MIN, Use.LO, 20, 0, 3600),
-    KeySpec("MaxOutstandingR2T", Kind.MIN, Use.LO, 1, 1, 65535, discovery_irrelevant=True),
-    KeySpec("DataPDUInOrder", Kind.OR, Use.LO, True, discovery_irrelevant=True),
-    KeySpec("DataSequenceInOrder", Kind.OR, Use.LO, True, discovery_irrelevant=True),
-    KeySpec("ErrorRecoveryLevel", Kind.MIN, Use.LO, 0, 0, 2),
-    KeySpec("iSCSIProtocolLevel", Kind.MIN, Use.LO, 0, 0, 31),
-    KeySpec("MaxRecvDataSegmentLength", Kind.DECLARATIVE, Use.ALL, 8192, 512, _LEN_HIGH),
+    KeySpec("TaskReporting", Kind.LIST, Use.LO, "RFC3720"),
+    KeySpec("MaxConnections", Kind.MIN, Use.LO, 1, 1, 65535, "max_connections"),
+    KeySpec("InitialR2T", Kind.OR, Use.LO, True, limit="initial_r2t"),
+    KeySpec("ImmediateData", Kind.AND, Use.LO, True, limit="immediate_data"),
+    KeySpec("MaxBurstLength", Kind.MIN, Use.LO, 262144, 512, _LEN_HIGH, "max_burst_length"),
+    KeySpec("FirstBurstLength", Kind.MIN, Use.LO, 65536, 512, _LEN_HIGH, "first_burst_length"),
+    KeySpec("DefaultTime2Wait", Kind.MAX, Use.LO, 2, 0, 3600, "default_time2wait"),
+    KeySpec("DefaultTime2Retain", Kind.MIN, Use.LO, 20, 0, 3600, "default_time2retain"),
+    KeySpec("MaxOutstandingR2T", Kind.MIN, Use.LO, 1, 1, 65535, "max_outstanding_r2t"),
+    KeySpec("DataPDUInOrder", Kind.OR, Use.LO, True, limit="data_pdu_in_order"),
+    KeySpec("DataSequenceInOrder", Kind.OR, Use.LO, True, limit="data_sequence_in_order"),
+    # Only error recovery level 0 is implemented, whatever the configuration says.
+    KeySpec("ErrorRecoveryLevel", Kind.MIN, Use.LO, 0, 0, 2, fixed=0),
+    # 13.24: an implementation of RFC 7143 without extensions uses level 1.
+    KeySpec("iSCSIProtocolLevel", Kind.MIN, Use.LO, 0, 0, 31, fixed=1),
+    KeySpec(
+        "MaxRecvDataSegmentLength",
+        Kind.DECLARATIVE,
+        Use.ALL,
+        8192,
+        512,
+        _LEN_HIGH,
+        "max_recv_data_segment_length",
+    ),
     KeySpec("InitiatorName", Kind.DECLARATIVE, Use.IO),
     KeySpec("InitiatorAlias", Kind.DECLARATIVE, Use.ALL),
     KeySpec("TargetName", Kind.DECLARATIVE, Use.IO),
@@ -346,10 +363,22 @@ _SPECS = (
     KeySpec("OFMarkInt", Kind.MARKER_INTERVAL, Use.IO),
     KeySpec("IFMarkInt", Kind.MARKER_INTERVAL, Use.IO),
 )
+# "Irrelevant when: SessionType=Discovery" in RFC 7143 section 13.
+DISCOVERY_IRRELEVANT = frozenset(
+    {
+        "MaxConnections",
+        "InitialR2T",
+        "ImmediateData",
+        "MaxBurstLength",
+        "FirstBurstLength",
+        "MaxOutstandingR2T",
+        "DataPDUInOrder",
+        "DataSequenceInOrder",
+        "TaskReporting",
+    }
+)
 KEYS: dict[str, KeySpec] = {spec.name: spec for spec in _SPECS}
 
-# The only iSCSIProtocolLevel an RFC 7143 implementation without extensions may use (13.24).
-PROTOCOL_LEVEL = 1
 SUPPORTED_TASK_REPORTING = ("RFC3720",)
 
 
@@ -473,6 +502,38 @@ class Negotiator:
                 out.append((key, value))
         return out
 
+    def check_ready(self) -> None:
+        """Raise NegotiationError if the outcome breaks the target's configuration.
+
+        The login calls this before entering Full Feature Phase. It catches a required digest
+        the initiator refused, and RFC defaults left above the configured limits when the
+        initiator skipped the operational stage (the login can avoid that by answering NSG=1).
+        """
+        if self._proposed:
+            raise NegotiationError(f"no answer to {sorted(self._proposed)}")
+        result = self.result
+        for key, used in (
+            ("HeaderDigest", result.header_digest),
+            ("DataDigest", result.data_digest),
+        ):
+            if not used and "None" not in self._allowed_lists[key]:
+                raise NegotiationError(f"{key}=CRC32C is required by this target")
+        if not self._leading or self.discovery:
+            return  # session-wide values belong to the leading connection
+        limits = self._limits
+        if result.immediate_data and not limits.immediate_data:
+            raise NegotiationError("ImmediateData=Yes (RFC default) but this target wants No")
+        if result.max_burst_length > limits.max_burst_length:
+            raise NegotiationError(
+                f"MaxBurstLength={result.max_burst_length} above {limits.max_burst_length}"
+            )
+        if result.first_burst_length > limits.first_burst_length and not (
+            result.initial_r2t and not result.immediate_data
+        ):
+            raise NegotiationError(
+                f"FirstBurstLength={result.first_burst_length} above {limits.first_burst_length}"
+            )
+
     @property
     def result(self) -> OperationalValues:
         values = self._values
@@ -556,7 +617,7 @@ class Negotiator:
             return self._declare(spec, value) if spec.name == "SessionType" else IRRELEVANT
         if spec.kind is Kind.DECLARATIVE:
             return self._declare(spec, value)
-        if self.discovery and spec.discovery_irrelevant:
+        if self.discovery and spec.name in DISCOVERY_IRRELEVANT:
             return IRRELEVANT
         if spec.kind is Kind.LIST:
             return self._answer_list(spec, value)
@@ -589,7 +650,7 @@ class Negotiator:
             offered = parse_boolean(value)
         except ValueError:
             return REJECT
-        mine = self._target_boolean(spec.name)
+        mine = self._target_boolean(spec)
         result = (offered and mine) if spec.kind is Kind.AND else (offered or mine)
         self._values[spec.name] = result
         return format_boolean(result)
@@ -598,7 +659,7 @@ class Negotiator:
         offered = _number_in_range(spec, value)
         if offered is None:
             return REJECT
-        mine = self._target_number(spec.name)
+        mine = self._target_number(spec)
         result = max(offered, mine) if spec.kind is Kind.MAX else min(offered, mine)
         self._values[spec.name] = result
         return str(result)
@@ -625,32 +686,20 @@ class Negotiator:
 
     # -- the target's own values --------------------------------------------------------------
 
-    def _target_boolean(self, key: str) -> bool:
-        limits = self._limits
-        return {
-            "InitialR2T": limits.initial_r2t,
-            "ImmediateData": limits.immediate_data,
-            "DataPDUInOrder": limits.data_pdu_in_order,
-            "DataSequenceInOrder": limits.data_sequence_in_order,
-        }[key]
+    def _target_boolean(self, spec: KeySpec) -> bool:
+        return bool(getattr(self._limits, spec.limit))
 
-    def _target_number(self, key: str) -> int:
-        limits = self._limits
-        if key == "FirstBurstLength":
-            return min(limits.first_burst_length, self._max_burst_cap())
-        return {
-            "MaxConnections": limits.max_connections,
-            "MaxBurstLength": limits.max_burst_length,
-            "DefaultTime2Wait": limits.default_time2wait,
-            "DefaultTime2Retain": limits.default_time2retain,
-            "MaxOutstandingR2T": limits.max_outstanding_r2t,
-            "ErrorRecoveryLevel": 0,  # only level 0 is implemented
-            "iSCSIProtocolLevel": PROTOCOL_LEVEL,
-        }[key]
+    def _target_number(self, spec: KeySpec) -> int:
+        if spec.fixed is not None:
+            return spec.fixed
+        value = int(getattr(self._limits, spec.limit))
+        if spec.name == "FirstBurstLength":
+            return min(value, self._max_burst_cap())
+        return value
 
     def _max_burst_cap(self) -> int:
         """MaxBurstLength as known now (negotiated, or the default capped by our value)."""
-        return min(self._values["MaxBurstLength"], self._limits.max_burst_length)
+        return min(int(self._values["MaxBurstLength"]), int(self._limits.max_burst_length))
 
     # -- proposals ----------------------------------------------------------------------------
 
@@ -687,10 +736,11 @@ class Negotiator:
                 f"initiator answered {spec.name}={value} to the target's {offer}; "
                 "the RFC default does not fit this target"
             )
-        if not self._answer_is_valid(spec, offer, value):
+        if not self._apply_answer(spec, offer, value):
             raise NegotiationError(f"invalid answer {spec.name}={value[:64]} to {offer}")
 
-    def _answer_is_valid(self, spec: KeySpec, offer: str, value: str) -> bool:
+    def _apply_answer(self, spec: KeySpec, offer: str, value: str) -> bool:
+        """Store the initiator's answer to our offer; False if the result function forbids it."""
         if spec.kind is Kind.LIST:
             if value not in parse_list(offer):
                 return False
@@ -724,25 +774,17 @@ def _checked_digests(allowed: Sequence[str]) -> tuple[str, ...]:
 
 
 def _check_limits(limits: Any) -> None:
-    """Reject a configuration outside the RFC ranges (a programming or config-layer error)."""
-    checks: tuple[tuple[str, str], ...] = (
-        ("max_connections", "MaxConnections"),
-        ("max_burst_length", "MaxBurstLength"),
-        ("first_burst_length", "FirstBurstLength"),
-        ("default_time2wait", "DefaultTime2Wait"),
-        ("default_time2retain", "DefaultTime2Retain"),
-        ("max_outstanding_r2t", "MaxOutstandingR2T"),
-        ("max_recv_data_segment_length", "MaxRecvDataSegmentLength"),
-    )
-    for attribute, key in checks:
-        value = getattr(limits, attribute)
-        spec = KEYS[key]
-        if not spec.low <= value <= spec.high:
-            raise ValueError(f"{attribute}={value} outside {spec.low}..{spec.high}")
+    """Reject a configuration outside the RFC ranges (the config layer should have already)."""
+    for spec in _SPECS:
+        if spec.limit and spec.high:
+            value = getattr(limits, spec.limit)
+            if not spec.low <= value <= spec.high:
+                raise ValueError(f"{spec.limit}={value} outside {spec.low}..{spec.high}")
 
 
 __all__: tuple[str, ...] = (
     "CHAP_KEYS",
+    "DISCOVERY_IRRELEVANT",
     "IRRELEVANT",
     "KEYS",
     "LoginIdentity",

@@ -20,10 +20,17 @@ from istgt.chap import (
 
 USERS = {
     "alice": SimpleNamespace(
-        user="alice", secret="alice-secret-12", mutual_user="target1", mutual_secret="target-secret-1"
+        user="alice",
+        secret="alice-secret-12",
+        mutual_user="target1",
+        mutual_secret="target-secret-1",
     ),
-    "bob": SimpleNamespace(user="bob", secret="bob-secret-123", mutual_user=None, mutual_secret=None),
-    "same": SimpleNamespace(user="same", secret="same-secret-1", mutual_user="t", mutual_secret="same-secret-1"),
+    "bob": SimpleNamespace(
+        user="bob", secret="bob-secret-123", mutual_user=None, mutual_secret=None
+    ),
+    "same": SimpleNamespace(
+        user="same", secret="same-secret-1", mutual_user="t", mutual_secret="same-secret-1"
+    ),
 }
 HASHLIB = {5: "md5", 6: "sha1", 7: "sha256", 8: "sha3_256"}
 
@@ -254,12 +261,16 @@ def test_mutual_required_but_not_offered():
 
 def test_mutual_offered_without_credentials():
     with pytest.raises(AuthError, match="no mutual CHAP credentials"):
-        respond(ChapAuthenticator(lookup, False), user="bob", extra={"CHAP_I": "1", "CHAP_C": "0x0102"})
+        respond(
+            ChapAuthenticator(lookup, False), user="bob", extra={"CHAP_I": "1", "CHAP_C": "0x0102"}
+        )
 
 
 def test_mutual_secret_equal_to_secret_refused():
     with pytest.raises(AuthError, match="equals"):
-        respond(ChapAuthenticator(lookup, False), user="same", extra={"CHAP_I": "1", "CHAP_C": "0x0102"})
+        respond(
+            ChapAuthenticator(lookup, False), user="same", extra={"CHAP_I": "1", "CHAP_C": "0x0102"}
+        )
 
 
 def test_reflected_challenge_refused():
@@ -294,7 +305,9 @@ def test_bad_mutual_challenge(extra, message):
 
 
 def test_mutual_challenge_of_1024_bytes_accepted():
-    answer, _ = respond(ChapAuthenticator(lookup, False), extra={"CHAP_I": "1", "CHAP_C": "0x" + "ab" * 1024})
+    answer, _ = respond(
+        ChapAuthenticator(lookup, False), extra={"CHAP_I": "1", "CHAP_C": "0x" + "ab" * 1024}
+    )
     assert dict(answer)["CHAP_N"] == "target1"
 
 

@@ -85,7 +85,9 @@ class TestParseText:
         assert parse_text(b"X-a=b=c\x00SendTargets=\x00") == [("X-a", "b=c"), ("SendTargets", "")]
 
     def test_utf8_value(self):
-        assert parse_text("InitiatorAlias=h\u00f4te\x00".encode()) == [("InitiatorAlias", "h\u00f4te")]
+        assert parse_text("InitiatorAlias=h\u00f4te\x00".encode()) == [
+            ("InitiatorAlias", "h\u00f4te")
+        ]
 
     @pytest.mark.parametrize(
         "data, message",
@@ -316,7 +318,9 @@ class TestNumericKeys:
         for bad in (str(high + 1), "-1", "abc", "") + ((str(low - 1),) if low else ()):
             n = negotiator()
             assert n.negotiate([(key, bad)], OP) == [(key, REJECT)]
-            assert getattr(n.result, RESULT_FIELD[key]) == getattr(negotiator().result, RESULT_FIELD[key])
+            assert getattr(n.result, RESULT_FIELD[key]) == getattr(
+                negotiator().result, RESULT_FIELD[key]
+            )
 
     def test_hex_values_accepted(self):
         assert answer("MaxBurstLength", "0x4000") == "16384"
@@ -351,9 +355,11 @@ class TestNumericKeys:
         spec_low = {"MaxConnections": 1, "MaxOutstandingR2T": 1, "DefaultTime2Retain": 0}.get(
             key, 512
         )
-        spec_high = {"MaxConnections": 65535, "MaxOutstandingR2T": 65535, "DefaultTime2Retain": 3600}.get(
-            key, 2**24 - 1
-        )
+        spec_high = {
+            "MaxConnections": 65535,
+            "MaxOutstandingR2T": 65535,
+            "DefaultTime2Retain": 3600,
+        }.get(key, 2**24 - 1)
         target = min(target, spec_high)
         limits = dataclasses.replace(Limits(), **{attribute: target})
         got = dict(Negotiator(limits).negotiate([(key, str(offer))], OP))[key]
@@ -418,7 +424,9 @@ class TestFirstBurst:
         cfg_burst=st.integers(512, 2**20),
         burst_first=st.booleans(),
     )
-    def test_first_burst_never_exceeds_max_burst(self, first, burst, cfg_first, cfg_burst, burst_first):
+    def test_first_burst_never_exceeds_max_burst(
+        self, first, burst, cfg_first, cfg_burst, burst_first
+    ):
         n = Negotiator(Limits(first_burst_length=cfg_first, max_burst_length=cfg_burst))
         pairs = [("FirstBurstLength", str(first)), ("MaxBurstLength", str(burst))]
         answers = dict(n.negotiate(pairs[::-1] if burst_first else pairs, OP))
@@ -477,15 +485,29 @@ class TestSpecialAnswers:
     def test_unknown_keys(self):
         n = negotiator()
         got = n.negotiate([("Foo", "1"), ("X-com.example.x", "1"), ("X#y", "2")], OP)
-        assert got == [("Foo", NOT_UNDERSTOOD), ("X-com.example.x", NOT_UNDERSTOOD), ("X#y", NOT_UNDERSTOOD)]
+        assert got == [
+            ("Foo", NOT_UNDERSTOOD),
+            ("X-com.example.x", NOT_UNDERSTOOD),
+            ("X#y", NOT_UNDERSTOOD),
+        ]
         assert n.not_understood == ["Foo"]  # extension keys are legitimate: not reported
 
     def test_markers(self):
         got = negotiator().negotiate(
-            [("OFMarker", "Yes"), ("IFMarker", "No"), ("OFMarkInt", "2048"), ("IFMarkInt", "1~65535")],
+            [
+                ("OFMarker", "Yes"),
+                ("IFMarker", "No"),
+                ("OFMarkInt", "2048"),
+                ("IFMarkInt", "1~65535"),
+            ],
             OP,
         )
-        assert got == [("OFMarker", "No"), ("IFMarker", "No"), ("OFMarkInt", REJECT), ("IFMarkInt", REJECT)]
+        assert got == [
+            ("OFMarker", "No"),
+            ("IFMarker", "No"),
+            ("OFMarkInt", REJECT),
+            ("IFMarkInt", REJECT),
+        ]
 
     def test_send_targets_rejected_during_login(self):
         assert answer("SendTargets", "All") == REJECT
@@ -496,7 +518,12 @@ class TestSpecialAnswers:
         assert negotiator().negotiate([("CHAP_N", "u")], OP) == [("CHAP_N", REJECT)]
 
     def test_answers_keep_arrival_order(self):
-        pairs = [("MaxBurstLength", "65536"), ("Foo", "x"), ("InitialR2T", "No"), ("HeaderDigest", "None")]
+        pairs = [
+            ("MaxBurstLength", "65536"),
+            ("Foo", "x"),
+            ("InitialR2T", "No"),
+            ("HeaderDigest", "None"),
+        ]
         assert [key for key, _ in negotiator().negotiate(pairs, OP)] == [
             "MaxBurstLength",
             "Foo",
@@ -527,7 +554,11 @@ class TestDiscovery:
         n = negotiator(session_type=SessionType.DISCOVERY)
         n.negotiate(DISCOVERY_IRRELEVANT, OP)
         result = n.result
-        assert (result.max_connections, result.max_burst_length, result.first_burst_length) == (1, 262144, 65536)
+        assert (result.max_connections, result.max_burst_length, result.first_burst_length) == (
+            1,
+            262144,
+            65536,
+        )
         assert result.initial_r2t and result.data_pdu_in_order and result.max_outstanding_r2t == 1
 
     @pytest.mark.parametrize(
@@ -543,18 +574,29 @@ class TestDiscovery:
         assert answer(key, value, session_type="Discovery") == expected
 
     def test_discovery_makes_no_session_proposals(self):
-        n = negotiator(session_type="Discovery", limits=Limits(immediate_data=False, max_burst_length=4096, first_burst_length=4096))
+        n = negotiator(
+            session_type="Discovery",
+            limits=Limits(immediate_data=False, max_burst_length=4096, first_burst_length=4096),
+        )
         assert n.declarations(OP) == [("MaxRecvDataSegmentLength", "262144")]
 
 
 class TestNonLeadingConnection:
     def test_session_keys_irrelevant(self):
         n = negotiator(leading=False)
-        got = n.negotiate([("MaxBurstLength", "4096"), ("ImmediateData", "No"), ("HeaderDigest", "CRC32C")], OP)
-        assert got == [("MaxBurstLength", IRRELEVANT), ("ImmediateData", IRRELEVANT), ("HeaderDigest", "CRC32C")]
+        got = n.negotiate(
+            [("MaxBurstLength", "4096"), ("ImmediateData", "No"), ("HeaderDigest", "CRC32C")], OP
+        )
+        assert got == [
+            ("MaxBurstLength", IRRELEVANT),
+            ("ImmediateData", IRRELEVANT),
+            ("HeaderDigest", "CRC32C"),
+        ]
 
     def test_session_type_still_read_without_answer(self):
-        assert negotiator(leading=False).negotiate([("SessionType", "Normal")], Phase.SECURITY) == []
+        assert (
+            negotiator(leading=False).negotiate([("SessionType", "Normal")], Phase.SECURITY) == []
+        )
 
 
 class TestRenegotiationDuringLogin:
@@ -593,7 +635,12 @@ class TestDeclarations:
         assert n.awaiting_answer == frozenset()
 
     def test_proposals_where_defaults_do_not_fit(self):
-        limits = Limits(immediate_data=False, initial_r2t=False, max_burst_length=131072, first_burst_length=16384)
+        limits = Limits(
+            immediate_data=False,
+            initial_r2t=False,
+            max_burst_length=131072,
+            first_burst_length=16384,
+        )
         n = negotiator(limits=limits, header_digests=("CRC32C",))
         # InitialR2T=No makes FirstBurstLength relevant although ImmediateData will be No.
         assert n.negotiate([("InitialR2T", "No")], OP) == [("InitialR2T", "No")]
@@ -604,10 +651,20 @@ class TestDeclarations:
             ("MaxBurstLength", "131072"),
             ("FirstBurstLength", "16384"),
         ]
-        assert n.awaiting_answer == {"HeaderDigest", "ImmediateData", "MaxBurstLength", "FirstBurstLength"}
+        assert n.awaiting_answer == {
+            "HeaderDigest",
+            "ImmediateData",
+            "MaxBurstLength",
+            "FirstBurstLength",
+        }
         # The initiator's answers are not answered again.
         got = n.negotiate(
-            [("HeaderDigest", "CRC32C"), ("ImmediateData", "No"), ("MaxBurstLength", "65536"), ("FirstBurstLength", "8192")],
+            [
+                ("HeaderDigest", "CRC32C"),
+                ("ImmediateData", "No"),
+                ("MaxBurstLength", "65536"),
+                ("FirstBurstLength", "8192"),
+            ],
             OP,
         )
         assert got == []
@@ -629,10 +686,18 @@ class TestDeclarations:
 
     @pytest.mark.parametrize(
         "key, bad",
-        [("HeaderDigest", "None"), ("HeaderDigest", REJECT), ("ImmediateData", "Yes"), ("MaxBurstLength", "262144"), ("ImmediateData", NOT_UNDERSTOOD)],
+        [
+            ("HeaderDigest", "None"),
+            ("HeaderDigest", REJECT),
+            ("ImmediateData", "Yes"),
+            ("MaxBurstLength", "262144"),
+            ("ImmediateData", NOT_UNDERSTOOD),
+        ],
     )
     def test_invalid_or_refused_answer_is_error(self, key, bad):
-        n = negotiator(limits=Limits(immediate_data=False, max_burst_length=65536), header_digests=("CRC32C",))
+        n = negotiator(
+            limits=Limits(immediate_data=False, max_burst_length=65536), header_digests=("CRC32C",)
+        )
         n.declarations(OP)
         with pytest.raises(NegotiationError):
             n.negotiate([(key, bad)], OP)
@@ -692,3 +757,66 @@ class TestConstruction:
             negotiator(limits=Limits(max_burst_length=100))
         with pytest.raises(ValueError):
             negotiator(limits=Limits(default_time2wait=4000))
+
+
+class TestCheckReady:
+    def test_defaults_fit_default_configuration(self):
+        negotiator().check_ready()
+
+    def test_refused_required_digest(self):
+        n = negotiator(data_digests=("CRC32C",))
+        assert n.negotiate([("DataDigest", "None")], OP) == [("DataDigest", REJECT)]
+        with pytest.raises(NegotiationError, match="DataDigest"):
+            n.check_ready()
+
+    def test_unanswered_proposal(self):
+        n = negotiator(header_digests=("CRC32C",))
+        n.declarations(OP)
+        with pytest.raises(NegotiationError, match="no answer"):
+            n.check_ready()
+        n.negotiate([("HeaderDigest", "CRC32C")], OP)
+        n.check_ready()
+
+    @pytest.mark.parametrize(
+        "limits, message",
+        [
+            (Limits(immediate_data=False), "ImmediateData"),
+            (Limits(max_burst_length=65536), "MaxBurstLength"),
+            (Limits(first_burst_length=4096), "FirstBurstLength"),
+        ],
+    )
+    def test_skipped_operational_stage_leaves_unfit_defaults(self, limits, message):
+        n = negotiator(limits=limits)
+        with pytest.raises(NegotiationError, match=message):
+            n.check_ready()
+
+    def test_irrelevant_first_burst_is_not_checked(self):
+        n = negotiator(limits=Limits(first_burst_length=4096, immediate_data=False))
+        n.negotiate([("ImmediateData", "No")], OP)
+        n.check_ready()
+
+    def test_session_values_not_checked_on_discovery_or_non_leading(self):
+        negotiator(
+            limits=Limits(max_burst_length=4096, first_burst_length=4096), leading=False
+        ).check_ready()
+        negotiator(limits=Limits(immediate_data=False), session_type="Discovery").check_ready()
+
+    def test_proposals_make_it_ready(self):
+        n = negotiator(
+            limits=Limits(
+                immediate_data=False,
+                initial_r2t=False,
+                max_burst_length=65536,
+                first_burst_length=4096,
+            )
+        )
+        n.negotiate([("InitialR2T", "No")], OP)
+        proposals = dict(n.declarations(OP))
+        n.negotiate(
+            [
+                (key, proposals[key])
+                for key in ("ImmediateData", "MaxBurstLength", "FirstBurstLength")
+            ],
+            OP,
+        )
+        n.check_ready()
