@@ -7,7 +7,8 @@ Text format (6.1, 6.2):
   * Every ``key=value`` pair ends with one NUL; a missing final NUL and trailing padding NULs
     are tolerated, an empty pair between two others is not.
   * Key names: 1..63 bytes of letters, digits and ``. - + @ _`` (plus ``#`` for ``X#`` public
-    extension keys), beginning with a capital letter. Values are UTF-8 without NUL.
+    extension keys), beginning with a letter (not only a capital one: the RFC's own
+    ``iSCSIProtocolLevel`` does not). Values are UTF-8 without NUL.
   * ``parse_text`` caps a value at 8192 bytes (anti-abuse bound for the whole text layer); the
     RFC's 255-byte limit on a *simple value* is applied per key by the negotiator (``Reject``).
   * A key twice in one request is a protocol error (``TextError``).
@@ -95,7 +96,7 @@ STATUS_MISSING_PARAMETER = 0x0207
 
 CHAP_KEYS = frozenset({"CHAP_A", "CHAP_I", "CHAP_C", "CHAP_N", "CHAP_R"})
 
-_KEY_NAME = re.compile(r"[A-Z][A-Za-z0-9.\-+@_#]*\Z")
+_KEY_NAME = re.compile(r"[A-Za-z][A-Za-z0-9.\-+@_#]*\Z")
 _DECIMAL = re.compile(r"[0-9]+\Z")
 _HEX = re.compile(r"0[xX][0-9a-fA-F]+\Z")
 _ISCSI_NAME = re.compile(r"(?i:iqn\.|eui\.|naa\.)[^\s,\x00-\x1f\x7f]+\Z")

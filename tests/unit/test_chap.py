@@ -7,6 +7,8 @@ import hashlib
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from istgt.chap import (
     ALGORITHMS,
@@ -316,3 +318,23 @@ def test_construction_needs_an_algorithm():
         ChapAuthenticator(lookup, False, algorithms=())
     with pytest.raises(ValueError):
         ChapAuthenticator(lookup, False, algorithms=("SHA-512",))
+
+
+@given(
+    number=st.sampled_from([5, 6, 7, 8]),
+    secret=st.text(min_size=1, max_size=40),
+    flip=st.integers(0, 255),
+)
+def test_only_the_exact_response_authenticates(number, secret, flip):
+    users = {"u": SimpleNamespace(user="u", secret=secret, mutual_user=None, mutual_secret=None)}
+    auth = ChapAuthenticator(users.get, False)
+    _, identifier, challenge = challenge_of(auth.step({"CHAP_A": str(number)}))
+    good = independent_response(number, identifier, secret.encode(), challenge)
+    bad = bytearray(good)
+    bad[flip % len(bad)] ^= 1 << (flip % 8)
+    with pytest.raises(AuthError):
+        auth.step({"CHAP_N": "u", "CHAP_R": encode_hex(bytes(bad))})
+    _, identifier, challenge = challenge_of(auth.step({"CHAP_A": str(number)}))
+    good = independent_response(number, identifier, secret.encode(), challenge)
+    assert auth.step({"CHAP_N": "u", "CHAP_R": encode_base64(good)}) == []
+    assert auth.complete

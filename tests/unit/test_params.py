@@ -73,6 +73,9 @@ class TestParseText:
         data = b"InitiatorName=iqn.a:b\x00SessionType=Normal\x00"
         assert parse_text(data) == [("InitiatorName", "iqn.a:b"), ("SessionType", "Normal")]
 
+    def test_rfc_key_with_lower_case_initial(self):
+        assert parse_text(b"iSCSIProtocolLevel=1\x00") == [("iSCSIProtocolLevel", "1")]
+
     def test_missing_final_nul_and_padding_tolerated(self):
         assert parse_text(b"A=1\x00B=2") == [("A", "1"), ("B", "2")]
         assert parse_text(b"A=1\x00\x00\x00\x00") == [("A", "1")]
@@ -99,7 +102,7 @@ class TestParseText:
             (b"A=\xff\xfe\x00", "UTF-8"),
             (b"A=1\x00A=1\x00", "twice"),
             (b"=1\x00", "invalid key"),
-            (b"lower=1\x00", "invalid key"),
+            (b"1Key=1\x00", "invalid key"),
             (b"Bad Key=1\x00", "invalid key"),
         ],
     )
@@ -820,3 +823,132 @@ class TestCheckReady:
             OP,
         )
         n.check_ready()
+
+
+def test_open_iscsi_style_login():
+    """The key set open-iscsi sends, with the exact answers and the resulting values."""
+    n = negotiator(limits=Limits(initial_r2t=False, max_burst_length=1048576))
+    security = [
+        ("InitiatorName", "iqn.1993-08.org.debian:01:abcdef"),
+        ("InitiatorAlias", "client"),
+        ("SessionType", "Normal"),
+        ("TargetName", "iqn.2007-09.jp.ne.peach.istgt:disk1"),
+        ("AuthMethod", "None"),
+    ]
+    assert n.negotiate(security, Phase.SECURITY) == [("AuthMethod", "None")]
+    assert n.declarations(Phase.SECURITY) == []
+    operational = [
+        ("HeaderDigest", "None"),
+        ("DataDigest", "None"),
+        ("DefaultTime2Wait", "2"),
+        ("DefaultTime2Retain", "0"),
+        ("IFMarker", "No"),
+        ("OFMarker", "No"),
+        ("ErrorRecoveryLevel", "0"),
+        ("InitialR2T", "No"),
+        ("ImmediateData", "Yes"),
+        ("MaxBurstLength", "16776192"),
+        ("FirstBurstLength", "262144"),
+        ("MaxOutstandingR2T", "1"),
+        ("MaxConnections", "1"),
+        ("DataPDUInOrder", "Yes"),
+        ("DataSequenceInOrder", "Yes"),
+        ("MaxRecvDataSegmentLength", "262144"),
+    ]
+    assert n.negotiate(operational, OP) == [
+        ("HeaderDigest", "None"),
+        ("DataDigest", "None"),
+        ("DefaultTime2Wait", "2"),
+        ("DefaultTime2Retain", "0"),
+        ("IFMarker", "No"),
+        ("OFMarker", "No"),
+        ("ErrorRecoveryLevel", "0"),
+        ("InitialR2T", "No"),
+        ("ImmediateData", "Yes"),
+        ("MaxBurstLength", "1048576"),
+        ("FirstBurstLength", "65536"),
+        ("MaxOutstandingR2T", "1"),
+        ("MaxConnections", "1"),
+        ("DataPDUInOrder", "Yes"),
+        ("DataSequenceInOrder", "Yes"),
+    ]
+    assert n.declarations(OP) == [("MaxRecvDataSegmentLength", "262144")]
+    assert n.awaiting_answer == frozenset()
+    n.check_ready()
+    result = n.result
+    assert (result.initial_r2t, result.immediate_data) == (False, True)
+    assert (result.max_burst_length, result.first_burst_length) == (1048576, 65536)
+    assert result.default_time2retain == 0 and result.auth_method == "None"
+    assert result.max_recv_data_segment_length_initiator == 262144
+    assert result.max_recv_data_segment_length_target == 262144
+
+
+NUMERIC_RANGES = {
+    "MaxConnections": (1, 65535),
+    "MaxBurstLength": (512, 2**24 - 1),
+    "FirstBurstLength": (512, 2**24 - 1),
+    "DefaultTime2Wait": (0, 3600),
+    "DefaultTime2Retain": (0, 3600),
+    "MaxOutstandingR2T": (1, 65535),
+    "ErrorRecoveryLevel": (0, 2),
+    "iSCSIProtocolLevel": (0, 31),
+}
+ANY_KEY = st.sampled_from(
+    sorted(
+        {
+            *NUMERIC_RANGES,
+            "HeaderDigest",
+            "DataDigest",
+            "AuthMethod",
+            "InitialR2T",
+            "ImmediateData",
+            "DataPDUInOrder",
+            "DataSequenceInOrder",
+            "MaxRecvDataSegmentLength",
+            "InitiatorName",
+            "InitiatorAlias",
+            "TargetName",
+            "SessionType",
+            "TargetAlias",
+            "SendTargets",
+            "OFMarker",
+            "OFMarkInt",
+            "TaskReporting",
+            "CHAP_A",
+            "X-vendor",
+            "Unknown",
+        }
+    )
+)
+ANY_VALUE = st.one_of(
+    st.sampled_from(["Yes", "No", "CRC32C", "None", "CRC32C,None", "Reject", "", "0x10", "0b"]),
+    st.integers(-5, 2**25).map(str),
+    st.text(max_size=300),
+)
+
+
+@given(
+    requests=st.lists(
+        st.dictionaries(ANY_KEY, ANY_VALUE, max_size=6).map(lambda d: list(d.items())),
+        max_size=4,
+    ),
+    phase=st.sampled_from(list(Phase)),
+    session_type=st.sampled_from(list(SessionType)),
+    leading=st.booleans(),
+)
+def test_never_crashes_and_answers_stay_in_range(requests, phase, session_type, leading):
+    n = Negotiator(Limits(), session_type=session_type, leading=leading)
+    for pairs in requests:
+        try:
+            answers = n.negotiate(pairs, phase)
+        except NegotiationError:
+            return
+        assert [key for key, _ in answers] == [key for key, _ in pairs if key in dict(answers)]
+        for key, value in answers:
+            if key in NUMERIC_RANGES and value not in (REJECT, IRRELEVANT):
+                low, high = NUMERIC_RANGES[key]
+                assert low <= int(value) <= high
+        n.declarations(phase)
+    result = n.result
+    assert result.first_burst_length <= result.max_burst_length
+    assert result.error_recovery_level == 0
