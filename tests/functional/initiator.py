@@ -202,7 +202,10 @@ class Negotiated:
     keys: dict[str, str]
 
     def __getitem__(self, key: str) -> str:
-        return self.keys.get(key, RFC_DEFAULTS.get(key, ""))
+        value = self.keys.get(key)
+        if value in (None, "Reject", "NotUnderstood", "Irrelevant"):
+            return RFC_DEFAULTS.get(key, "")
+        return value
 
     def num(self, key: str) -> int:
         return int(self[key])
@@ -271,6 +274,7 @@ class Initiator:
         self.violations: list[str] = []
         self.strict = True            # raise on a violation (False: only record it)
         self.closed = False
+        self.login_responses: list[Pdu] = []
 
     # ---- raw transport ---------------------------------------------------------------
     def send_pdu(self, bhs: bytes, data: bytes = b"", ahs: bytes = b"",
@@ -392,6 +396,7 @@ class Initiator:
                         words={20: self.cid << 16, 24: self.cmd_sn, 28: self.exp_stat_sn})
         self.send_pdu(bhs, encode_text(pairs))
         rsp = self.recv_pdu()
+        self.login_responses.append(rsp)
         if rsp.opcode != LOGIN_RSP:
             raise ProtocolViolation(f"expected Login Response, got {rsp!r}")
         if rsp.itt != itt:
@@ -584,6 +589,10 @@ class Initiator:
             if predicate(pdu):
                 return pdu
             self._dispatch(pdu)
+
+    def handle(self, pdu: Pdu) -> None:
+        """Process a PDU the caller received itself (e.g. an R2T it held back)."""
+        self._dispatch(pdu)
 
     def _dispatch(self, pdu: Pdu) -> None:
         if pdu.opcode == NOP_IN and pdu.itt == RESERVED_TAG:
