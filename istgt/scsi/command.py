@@ -26,7 +26,9 @@ class ScsiTask:
 
     In: lun, cdb, nexus, attr, tag, data_out (all Data-Out gathered), transfer_length (EDTL).
     Out: status, sense (no length prefix), data_in (may be longer than EDTL: the transport
-    truncates and reports the residual).
+    truncates and reports the residual), data_out_length: the Data-Out length the CDB asks
+    for (SPDTL), set for commands that take Data-Out so the transport can report write
+    residuals against EDTL (None: not decoded).
     """
 
     __slots__ = (
@@ -40,6 +42,7 @@ class ScsiTask:
         "status",
         "sense",
         "data_in",
+        "data_out_length",
     )
 
     def __init__(
@@ -62,6 +65,7 @@ class ScsiTask:
         self.status: int = ScsiStatus.GOOD
         self.sense: bytes = b""
         self.data_in: bytes | bytearray | memoryview | None = None
+        self.data_out_length: int | None = None
 
     def __repr__(self) -> str:
         return (

@@ -131,8 +131,11 @@ class DiskDevice:
             self._unit_attentions.pop(nexus, None)
             self._prevent.discard(nexus)
 
-    def reset(self, kind: ResetKind = ResetKind.LOGICAL_UNIT) -> None:
-        """A LOGICAL UNIT RESET / target reset: report it to every nexus (SAM-5 6.3)."""
+    def reset(self, kind: ResetKind | str = ResetKind.LOGICAL_UNIT) -> None:
+        """A LOGICAL UNIT RESET / target reset: report it to every nexus (SAM-5 6.3).
+        `kind` is a ResetKind or one of "lun", "warm", "cold", "power_on"."""
+        if isinstance(kind, str):
+            kind = _RESET_NAMES[kind.lower()]
         self.mode_pages.reset()
         try:
             self.flush()
@@ -144,6 +147,14 @@ class DiskDevice:
                 self._stopped = False
             for pending in self._unit_attentions.values():
                 pending[:] = [kind.unit_attention]
+
+    def tasks_cleared(self, by_nexus: ITNexus) -> None:
+        """CLEAR TASK SET from `by_nexus` aborted other nexuses' commands (SAM-5 7.4)."""
+        self._queue_unit_attention(Asc.COMMANDS_CLEARED_BY_ANOTHER_INITIATOR, except_nexus=by_nexus)
+
+    def set_lun_numbers(self, numbers: Iterable[int]) -> None:
+        """The LUNs REPORT LUNS lists (the LU's configured LUNs by default)."""
+        self._all_luns = tuple(sorted(numbers))
 
     def flush(self) -> None:
         if not self.read_only:
@@ -313,6 +324,14 @@ class DiskDevice:
             raise _write_failure(self.lun_number, lba, exc) from None
 
 
+_RESET_NAMES = {
+    "lun": ResetKind.LOGICAL_UNIT,
+    "warm": ResetKind.TARGET_WARM,
+    "cold": ResetKind.TARGET_COLD,
+    "power_on": ResetKind.POWER_ON,
+}
+
+
 def _write_failure(lun: int, lba: int, exc: OSError) -> CheckCondition:
     log.error("LUN%d: write at LBA %d failed: %s", lun, lba, exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -357,13 +376,28 @@ def read(device: DiskDevice, task: ScsiTask) -> None:
     task.data_in = device.read_blocks(lba, blocks, from_medium=fua)
 
 
+def arrived_blocks(device: DiskDevice, task: ScsiTask, blocks: int) -> memoryview:
+    """The Data-Out of a WRITE-type command, cut to the whole blocks that arrived.
+
+    When the initiator's expected transfer length is shorter than the CDB's (an iSCSI
+    overflow), FCP-4/SAM-5 let the command proceed without the data beyond EDTL: only the
+    blocks that arrived whole are written and the transport reports the residual.
+    """
+    wanted = blocks * device.block_length
+    task.data_out_length = wanted
+    data = task.data_out if task.data_out is not None else memoryview(b"")
+    usable = min(len(data), wanted)
+    return data[: usable - usable % device.block_length]
+
+
 def write(device: DiskDevice, task: ScsiTask) -> None:
     lba, blocks = lba_and_length(task.cdb)
+    task.data_out_length = blocks * device.block_length
     device.check_range(lba, blocks)
     device.check_writable()
-    if blocks == 0:
+    data = arrived_blocks(device, task, blocks)
+    if not data:
         return
-    data = data_out(task, blocks * device.block_length)
     fua = task.cdb[0] != Opcode.WRITE_6 and bool(task.cdb[1] & FUA)
     device.write_blocks(lba, data, force_unit_access=fua)
 
@@ -379,6 +413,8 @@ def verify(device: DiskDevice, task: ScsiTask) -> None:
     byte_check = (task.cdb[1] >> 1) & 0x03
     if byte_check == 2:
         raise invalid_field_in_cdb(1, 2)
+    if byte_check:
+        task.data_out_length = device.block_length * (blocks if byte_check == 1 else 1)
     device.check_range(lba, blocks)
     if blocks == 0:
         return
@@ -397,21 +433,23 @@ def write_and_verify(device: DiskDevice, task: ScsiTask) -> None:
     byte_check = (task.cdb[1] >> 1) & 0x03
     if byte_check > 1:
         raise invalid_field_in_cdb(1, 2)
+    task.data_out_length = blocks * device.block_length
     device.check_range(lba, blocks)
     device.check_writable()
-    if blocks == 0:
+    data = arrived_blocks(device, task, blocks)
+    if not data:
         return
-    data = data_out(task, blocks * device.block_length)
+    written = len(data) // device.block_length
     device.write_blocks(lba, data, force_unit_access=True)
+    stored = device.read_blocks(lba, written, from_medium=True)
     if byte_check:
-        _compare(device, lba, data, device.read_blocks(lba, blocks, from_medium=True))
-    else:
-        device.read_blocks(lba, blocks, from_medium=True)
+        _compare(device, lba, data, stored)
 
 
 def orwrite(device: DiskDevice, task: ScsiTask) -> None:
     cdb = task.cdb
     lba, blocks = u64(cdb, 2), u32(cdb, 10)
+    task.data_out_length = blocks * device.block_length
     device.check_range(lba, blocks)
     device.check_writable()
     if blocks == 0:
@@ -430,11 +468,14 @@ def compare_and_write(device: DiskDevice, task: ScsiTask) -> None:
     lba, blocks = u64(cdb, 2), cdb[13]
     if blocks > min(MAX_COMPARE_AND_WRITE_BLOCKS, MAX_TRANSFER_BYTES // device.block_length // 2):
         raise invalid_field_in_cdb(13)
+    length = blocks * device.block_length
+    task.data_out_length = 2 * length
     device.check_range(lba, blocks)
     device.check_writable()
     if blocks == 0:
+        if task.data_out is not None and len(task.data_out):
+            raise invalid_field_in_cdb(13)  # data for zero blocks: the CDB is wrong
         return
-    length = blocks * device.block_length
     if task.data_out is None or len(task.data_out) != 2 * length:
         raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_INFORMATION_UNIT)
     payload = data_out(task, 2 * length)
@@ -453,6 +494,7 @@ def write_same(device: DiskDevice, task: ScsiTask) -> None:
     flags = cdb[1]
     if flags & 0x10:  # ANCHOR needs logical block provisioning
         raise invalid_field_in_cdb(1, 4)
+
     if flags & 0x04 or flags & 0x02:  # PBDATA / LBDATA: no protection information
         raise invalid_field_in_cdb(1, 2 if flags & 0x04 else 1)
     if blocks == 0:
@@ -462,8 +504,11 @@ def write_same(device: DiskDevice, task: ScsiTask) -> None:
         raise invalid_field_in_cdb(7 if cdb[0] == Opcode.WRITE_SAME_10 else 10)
     device.check_range(lba, blocks)
     device.check_writable()
+    if flags & 0x08:  # UNMAP: no logical block provisioning (LBPWS=0 in VPD B2)
+        raise invalid_field_in_cdb(1, 3)
     bl = device.block_length
     no_data_out = cdb[0] == Opcode.WRITE_SAME_16 and flags & 0x01  # NDOB
+    task.data_out_length = 0 if no_data_out else bl
     if no_data_out:
         pattern = bytes(bl)
     else:
@@ -472,7 +517,6 @@ def write_same(device: DiskDevice, task: ScsiTask) -> None:
         pattern = bytes(task.data_out[:bl])
     if blocks == 0:
         return
-    # The UNMAP bit is a hint; without provisioning support the blocks are written.
     per_chunk = max(1, WRITE_SAME_CHUNK_BYTES // bl)
     chunk = pattern * min(per_chunk, blocks)
     done = 0

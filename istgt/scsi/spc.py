@@ -337,6 +337,7 @@ def mode_select(device: SpcDevice, task: ScsiTask) -> None:
     save_pages = bool(cdb[1] & 0x01)
     page_format = bool(cdb[1] & 0x10)
     length = u16(cdb, 7) if ten else cdb[4]
+    task.data_out_length = length
     if save_pages:
         raise CheckCondition(
             SenseKey.ILLEGAL_REQUEST, Asc.SAVING_PARAMETERS_NOT_SUPPORTED

@@ -240,16 +240,25 @@ def test_read6_uses_all_21_lba_bits():
     assert bytes(run(device, cdb6(0x08, 0x10FFFF, 1)).data_in) == data
 
 
-def test_short_data_out_is_refused_without_writing():
+def test_short_data_out_writes_only_whole_blocks_that_arrived():
     device = make_device()
-    task = run(device, cdb10(0x2A, 0, 2), b"\xff" * 512)
-    expect_check(task, SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_INFORMATION_UNIT)
-    assert bytes(run(device, cdb10(0x28, 0, 1)).data_in) == bytes(512)
+    run(device, cdb10(0x2A, 0, 2), b"a" * 1024)
+    task = run(device, cdb10(0x2A, 0, 2), b"b" * 700)  # EDTL shorter than the CDB asks
+    assert task.status == ScsiStatus.GOOD and task.data_out_length == 1024
+    assert bytes(run(device, cdb10(0x28, 0, 2)).data_in) == b"b" * 512 + b"a" * 512
+
+
+def test_write_without_data_out_writes_nothing():
+    device = make_device()
+    run(device, cdb10(0x2A, 0, 1), b"a" * 512)
+    assert run(device, cdb10(0x2A, 0, 1)).status == ScsiStatus.GOOD
+    assert bytes(run(device, cdb10(0x28, 0, 1)).data_in) == b"a" * 512
 
 
 def test_longer_data_out_writes_only_what_the_cdb_asks():
     device = make_device()
-    assert run(device, cdb10(0x2A, 0, 1), b"\x11" * 1024).status == ScsiStatus.GOOD
+    task = run(device, cdb10(0x2A, 0, 1), b"\x11" * 1024)
+    assert task.status == ScsiStatus.GOOD and task.data_out_length == 512
     assert bytes(run(device, cdb10(0x28, 1, 1)).data_in) == bytes(512)
 
 
