@@ -61,8 +61,8 @@ class LoginProcess:
             log.warning("login from %s (%s) refused: %s (status 0x%04x)",
                         self.initiator_name or "?", self.conn.peer_ip, e, e.status)
             return LoginResult(self._response(req, False, b"", status=e.status), CLOSE)
-        except (params.TextError, chap.AuthError) as e:
-            status = 0x0201 if isinstance(e, chap.AuthError) else 0x0200
+        except (params.TextError, params.NegotiationError, chap.AuthError) as e:
+            status = getattr(e, "status", 0x0200)
             log.warning("login from %s (%s) failed: %s",
                         self.initiator_name or "?", self.conn.peer_ip, e)
             return LoginResult(self._response(req, False, b"", status=status), CLOSE)
@@ -117,8 +117,15 @@ class LoginProcess:
                 self._require_authenticated()
         if transit and nsg == FULL_FEATURE or req.csg == OPERATIONAL:
             answers += self.negotiator.declarations(params.Phase.OPERATIONAL)
+        if transit and self.negotiator.awaiting_answer:
+            # our proposals need an answer first: stay in (or step down to) the operational stage
+            if req.csg == SECURITY:
+                nsg = OPERATIONAL
+            else:
+                transit = False
         self.sent_first_response = True
         if transit and nsg == FULL_FEATURE:
+            self.negotiator.check_ready()
             session = self._enter_full_feature()
             resp = self._response(req, True, params.encode_text(answers), nsg=nsg,
                                   tsih=session.tsih)
