@@ -97,9 +97,12 @@ class Connection:
         self.lock = threading.Lock()
         self.active: dict[int, Command] = {}  # ITT -> executing command; guarded by lock
         self.idle = threading.Condition(self.lock)
-        self._send_cond = threading.Condition()
-        self._outq: deque = deque()           # guarded by _send_cond
-        self._send_stop = False               # guarded by _send_cond
+        self._out_lock = threading.Lock()
+        self._outq: deque = deque()           # guarded by _out_lock
+        self._send_stop = False               # guarded by _out_lock
+        self._sender_parked = False           # guarded by _out_lock
+        self._sender_wake = threading.Lock()  # released to wake the parked sender
+        self._sender_wake.acquire()
         self.closing = False
         self.last_rx = time.monotonic()
         self.ping_ttt = None
@@ -715,9 +718,11 @@ class Connection:
 
     # ================================================================== sending
     def _send(self, responses: list) -> None:
-        with self._send_cond:
+        with self._out_lock:
             self._outq.extend(responses)
-            self._send_cond.notify()
+            if self._sender_parked:
+                self._sender_parked = False
+                self._sender_wake.release()
 
     def _send_and_wait(self, response) -> None:
         done = threading.Event()
@@ -734,19 +739,24 @@ class Connection:
     def _send_main(self) -> None:
         try:
             while True:
-                with self._send_cond:
-                    while not self._outq and not self._send_stop:
-                        self._send_cond.wait()
-                    if not self._outq:
+                with self._out_lock:
+                    if self._outq:
+                        batch = self._outq
+                        self._outq = deque()
+                    elif self._send_stop:
                         return
-                    batch = self._outq
-                    self._outq = deque()
+                    else:
+                        batch = None
+                        self._sender_parked = True
+                if batch is None:
+                    self._sender_wake.acquire()
+                    continue
                 self._write_batch(batch)
         except OSError as e:
             self.log.debug("send to %s failed: %s", self.peer_ip, e)
             self.close_async("send failed")
         finally:
-            with self._send_cond:
+            with self._out_lock:
                 self._send_stop = True
                 self._outq.clear()
 
@@ -831,9 +841,11 @@ class Connection:
         self._wait_idle(30)
         if self.session is not None:
             self.abort_writes(lambda c: True)
-        with self._send_cond:
+        with self._out_lock:
             self._send_stop = True
-            self._send_cond.notify()
+            if self._sender_parked:
+                self._sender_parked = False
+                self._sender_wake.release()
         self._sender.join(10)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)

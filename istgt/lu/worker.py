@@ -23,8 +23,10 @@ class WorkerPool:
 
     def _run(self) -> None:
         queue = self._queue
+        parker = threading.Lock()
+        parker.acquire()
         while True:
-            entry = queue.take()
+            entry = queue.take(parker)
             if entry is None:
                 return
             try:

@@ -11,12 +11,18 @@ def entry(name, attr=SIMPLE):
     return QueuedTask(name, None, attr)
 
 
+def parker():
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 def test_head_of_queue_starts_first():
     q = TaskQueue(10)
     q.put(entry("a"))
     q.put(entry("h", HEAD_OF_QUEUE))
-    assert q.take().task == "h"
-    assert q.take().task == "a"
+    assert q.take(parker()).task == "h"
+    assert q.take(parker()).task == "a"
 
 
 def test_ordered_waits_for_older_and_blocks_younger():
@@ -25,16 +31,16 @@ def test_ordered_waits_for_older_and_blocks_younger():
     q.put(a)
     q.put(entry("o", ORDERED))
     q.put(entry("b"))
-    assert q.take() is a
+    assert q.take(parker()) is a
     got = []
-    t = threading.Thread(target=lambda: got.append(q.take()))
+    t = threading.Thread(target=lambda: got.append(q.take(parker())))
     t.start()
     time.sleep(0.1)
     assert not got                               # o waits for a, b waits behind o
     q.finish(a)
     t.join(2)
     assert got[0].task == "o"
-    t2 = threading.Thread(target=lambda: got.append(q.take()))
+    t2 = threading.Thread(target=lambda: got.append(q.take(parker())))
     t2.start()
     time.sleep(0.1)
     assert len(got) == 1                         # b waits until o is done
@@ -54,10 +60,10 @@ def test_abort_splits_waiting_and_running():
     a, b = entry("a"), entry("b")
     q.put(a)
     q.put(b)
-    assert q.take() is a
+    assert q.take(parker()) is a
     removed, running = q.abort(lambda e: True)
     assert removed == [b] and running == [a]
-    assert a.aborted and b.aborted and b.finished.is_set() and not a.finished.is_set()
+    assert a.aborted and b.aborted and not a.finished.is_set()
 
 
 class Task:
