@@ -224,7 +224,7 @@ class RunningTarget:
                 host: str | None = None, port: int | None = None) -> Initiator:
         host = host or self.host
         port = port or (self.port6 if ":" in host else self.port)
-        initiator = Initiator(host, port, initiator_name=initiator_name, isid=isid)
+        initiator = Initiator(host, port, initiator_name=initiator_name, isid=isid, timeout=5)
         self.initiators.append(initiator)
         return initiator
 
