@@ -1,11 +1,14 @@
 """The istgt command: flags, start-up, pid file, daemon mode and signals.
 
 Start-up order (each failure prints a message and exits 1 in the caller's process):
-read the config, set up logging, lock the pid file, build the server and open its portals,
-detach (unless -D), write the pid, then serve until SIGTERM/SIGINT/SIGQUIT.
+read the config, set up logging, lock the pid file, detach (unless -D), build the server
+and open its portals, write the pid, then serve until SIGTERM/SIGINT/SIGQUIT.
 
-In daemon mode the caller's process waits on a pipe until the daemon reports "ready" or an
-error, so a failure after the fork still reaches the caller's exit status (C istgt bug B28).
+The server is built after detaching because fork() does not carry threads into the child
+and the server starts its logical units' worker threads when it is built. Until start-up
+completes, the daemon's stderr is a pipe to the caller's process, which prints what comes
+through and exits 1 unless the daemon reports ready: a listen failure after the fork still
+reaches the caller's exit status (C istgt bug B28).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, Protocol
 
 from istgt import EXTRA_VERSION, __version__, log
 from istgt.config import ConfigError, load_config
+from istgt.server import Server, StartupError
 
 logger = logging.getLogger("istgt.main")
 
@@ -224,96 +228,96 @@ def _read_pid(fd: int) -> int | None:
 
 # --- daemon mode ----------------------------------------------------------------------------
 
+READY_MARK = b"\0"
+"""Written by the daemon on its start-up stderr when it serves; text never contains NUL."""
+
 
 class StartupReport:
-    """How the process that serves tells the one that started it how start-up ended.
-
-    In the foreground they are the same process and there is nothing to tell.
-    """
+    """Tells whoever started istgt that start-up is complete (nobody, in the foreground)."""
 
     def ready(self) -> None:
         """Start-up is complete."""
 
-    def fail(self, message: str) -> None:
-        """Start-up failed with ``message``."""
 
-
-class _PipeReport(StartupReport):
-    """The daemon's end of the pipe the caller's process waits on."""
-
-    def __init__(self, write_fd: int) -> None:
-        self._fd: int | None = write_fd
+class _DaemonReport(StartupReport):
+    """The daemon's stderr is a pipe to the caller's process until start-up completes."""
 
     def ready(self) -> None:
-        self._send(b"ready\n")
-
-    def fail(self, message: str) -> None:
-        self._send(f"error {message}\n".encode())
-
-    def _send(self, data: bytes) -> None:
-        if self._fd is None:
-            return
+        log.drop_stderr()
+        sys.stderr.flush()
         try:
-            os.write(self._fd, data)
+            os.write(2, READY_MARK)
         except OSError:
             pass  # the caller is gone: nobody is left to tell
-        finally:
-            os.close(self._fd)
-            self._fd = None
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
 
 
 def detach(keep_fds: set[int]) -> StartupReport:
-    """Become a daemon; returns only in the daemon.
+    """Become a daemon with python-daemon; returns only in the daemon.
 
-    The caller's process forks, then waits for the daemon's report and exits 0 on "ready",
-    1 on an error (printed) or when the daemon dies without a word.
+    The caller's process copies the daemon's start-up output to its own stderr and exits 0
+    when the daemon reports ready, 1 when it exits before that: a listen or disk error after
+    the fork still reaches the caller's exit status (C istgt bug B28).
     """
-    import daemon  # python-daemon: imported here, foreground runs never need it
+    import daemon  # foreground runs never need python-daemon
 
     read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
     child = os.fork()
     if child:
         os.close(write_fd)
-        code = _await_report(read_fd)
+        code = _relay_startup_output(read_fd)
         os.waitpid(child, 0)
-        sys.stdout.flush()
-        sys.stderr.flush()
         os._exit(code)  # the daemon owns the pid file, sockets and disks now
     os.close(read_fd)
+    startup_stderr = os.fdopen(write_fd, "wb", buffering=0)
     context = daemon.DaemonContext(
         working_directory=os.getcwd(),  # relative paths in the config keep working
         umask=0o022,
         detach_process=True,
-        files_preserve=sorted(keep_fds | {write_fd}),
+        files_preserve=sorted(keep_fds),
+        stderr=startup_stderr,  # becomes fd 2 until _DaemonReport.ready()
         signal_map={},  # run() installs istgt's own handlers
     )
     try:
         context.open()
     except Exception as exc:
-        _PipeReport(write_fd).fail(f"cannot become a daemon: {exc}")
+        os.write(write_fd, f"istgt: cannot become a daemon: {exc}\n".encode())
         os._exit(1)
-    return _PipeReport(write_fd)
+    startup_stderr.close()  # fd 2 is the only copy the daemon needs
+    return _DaemonReport()
 
 
-def _await_report(read_fd: int) -> int:
-    chunks = []
+def _relay_startup_output(read_fd: int) -> int:
+    ready = False
     while chunk := os.read(read_fd, 4096):
-        chunks.append(chunk)
+        text, mark, _ = chunk.partition(READY_MARK)
+        if text and not ready:
+            sys.stderr.buffer.write(text)
+            sys.stderr.flush()
+        ready = ready or bool(mark)
     os.close(read_fd)
-    report = b"".join(chunks).decode(errors="replace")
-    if report.startswith("ready"):
-        return 0
-    if report.startswith("error "):
-        print(f"istgt: {report[len('error '):].rstrip()}", file=sys.stderr)
-    else:
-        print("istgt: the daemon exited during start-up (see syslog)", file=sys.stderr)
-    return 1
+    if not ready:
+        print("istgt: start-up failed; the daemon exited", file=sys.stderr)
+    return 0 if ready else 1
 
 
 def open_fds() -> set[int]:
     """The descriptors this process has open (Linux /proc, BSD /dev/fd)."""
     directory = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
-    return {int(name) for name in os.listdir(directory)}
+    # The listing held a descriptor of its own, closed by now: keep only those still open.
+    return {int(name) for name in os.listdir(directory) if _is_open(int(name))}
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 # --- signals --------------------------------------------------------------------------------
@@ -328,46 +332,65 @@ class ServerLike(Protocol):
 ServerFactory = Callable[[Any, int], ServerLike]
 
 
-class SignalHandlers:
-    """istgt's signals. Handlers only start threads: shutdown and reload block, and a handler
-    runs in the main thread, which is inside serve_forever()."""
+class SignalThread:
+    """istgt's signal thread, as in C istgt: every thread blocks istgt's signals and this one
+    takes them with sigwait().
+
+    Python runs signal handlers only in the main thread, and only when the signal is
+    delivered to it; a signal the kernel hands to any other thread would leave the main
+    thread asleep in serve_forever(). Shutdown and reload run in threads of their own so that
+    the signal thread stays responsive (a second SIGTERM, SIGUSR1 during a reload).
+    """
 
     STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
+    HANDLED = {*STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
 
     def __init__(self, server: ServerLike) -> None:
         self._server = server
-        self._previous: dict[int, Any] = {}
-        self._stopping = threading.Event()
+        self._exiting = False  # written by stop() before it wakes the thread
+        self._stopping = False  # signal thread only
         self._reloading = threading.Lock()
-        self._workers: list[threading.Thread] = []
+        self._workers: list[threading.Thread] = []  # signal thread only, until joined
+        self._thread = threading.Thread(target=self._run, name="signals", daemon=True)
 
-    def install(self) -> None:
-        table = {sig: self._on_stop for sig in self.STOP_SIGNALS}
-        table[signal.SIGHUP] = self._on_reload
-        table[signal.SIGUSR1] = self._on_trace
-        table[signal.SIGUSR2] = self._on_trace
-        table[signal.SIGPIPE] = signal.SIG_IGN
-        for sig, handler in table.items():
-            self._previous[sig] = signal.signal(sig, handler)
+    def start(self) -> None:
+        """Start taking signals; the caller must have blocked HANDLED (threads inherit it)."""
+        self._thread.start()
 
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def join(self, timeout: float | None = None) -> None:
+    def stop(self, timeout: float = 30) -> None:
+        """Stop taking signals and wait for a shutdown or reload still running."""
+        self._exiting = True
+        if self._thread.ident is not None:
+            signal.pthread_kill(self._thread.ident, signal.SIGUSR1)
+            self._thread.join()
         for worker in self._workers:
             worker.join(timeout)
 
-    def _on_stop(self, signum: int, _frame: object) -> None:
-        logger.log(log.NOTICE, "%s catch", signal.Signals(signum).name)
-        if self._stopping.is_set():
+    def _run(self) -> None:
+        while not self._exiting:
+            signum = signal.sigwait(self.HANDLED)
+            if not self._exiting:
+                self.handle(signal.Signals(signum))
+        while signal.sigtimedwait(self.HANDLED, 0) is not None:
+            pass  # signals that came with the exit have nothing left to act on
+
+    def handle(self, signum: signal.Signals) -> None:
+        if signum in self.STOP_SIGNALS:
+            self._on_stop(signum)
+        elif signum == signal.SIGHUP:
+            self._on_reload()
+        else:
+            self._on_trace(enabled=signum == signal.SIGUSR2)
+
+    def _on_stop(self, signum: signal.Signals) -> None:
+        logger.log(log.NOTICE, "%s catch", signum.name)
+        if self._stopping:
             logger.log(log.NOTICE, "shutdown already in progress")
             return
-        self._stopping.set()
+        self._stopping = True
         self._start("shutdown", self._server.shutdown)
 
-    def _on_reload(self, _signum: int, _frame: object) -> None:
+    def _on_reload(self) -> None:
         logger.log(log.NOTICE, "SIGHUP catch")
         reload = getattr(self._server, "reload", None)
         if reload is None:
@@ -386,8 +409,7 @@ class SignalHandlers:
         finally:
             self._reloading.release()
 
-    def _on_trace(self, signum: int, _frame: object) -> None:
-        enabled = signum == signal.SIGUSR2
+    def _on_trace(self, enabled: bool) -> None:
         log.set_all_traces(enabled)
         logger.log(log.NOTICE, "trace flags %s", "all on" if enabled else "cleared")
 
@@ -398,12 +420,6 @@ class SignalHandlers:
 
 
 # --- start-up -------------------------------------------------------------------------------
-
-
-def _default_server_factory(config: Any, mode: int) -> ServerLike:
-    from istgt.server import Server
-
-    return Server(config, mode)
 
 
 def _print_error(message: str) -> None:
@@ -439,11 +455,20 @@ def run(options: Options, server_factory: ServerFactory | None = None) -> int:
         return 1
     if stale_pid is not None:
         logger.log(log.NOTICE, "replacing stale pid file %s (pid %d)", pid_file.path, stale_pid)
+    # Blocked from here on in every thread (threads inherit the mask): the signal thread
+    # takes them. A SIGTERM during start-up waits until the server can act on it.
+    saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SignalThread.HANDLED)
+    saved_sigpipe = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
-        return _serve(options, config, pid_file, inherited_fds, server_factory)
+        report = StartupReport()
+        if not options.foreground:
+            # Keep what start-up opened (pid file, syslog); close what the shell passed in.
+            report = detach(open_fds() - inherited_fds - {0, 1, 2})
+        return _serve(options, config, pid_file, report, server_factory or Server)
     finally:
         pid_file.release()
-        logger.log(log.NOTICE, "istgt version %s (%s) exiting", __version__, EXTRA_VERSION)
+        signal.signal(signal.SIGPIPE, saved_sigpipe)
+        signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
 
 
 def _pid_error(path: str, exc: Exception) -> str:
@@ -456,33 +481,24 @@ def _serve(
     options: Options,
     config: Any,
     pid_file: PidFile,
-    inherited_fds: set[int],
-    server_factory: ServerFactory | None,
+    report: StartupReport,
+    server_factory: ServerFactory,
 ) -> int:
-    factory = server_factory or _default_server_factory
+    """Build the server after detaching (fork keeps no threads), serve, shut down."""
     try:
-        server = factory(config, int(options.mode))
+        server = server_factory(config, int(options.mode))
         server.open_portals()
-    except OSError as exc:
+    except (OSError, StartupError) as exc:
         logger.error("%s", exc)
         return 1
-
-    report = StartupReport()
-    if not options.foreground:
-        # Keep what start-up opened (portals, disks, the pid file, syslog); close what the
-        # shell passed in.
-        report = detach(open_fds() - inherited_fds - {0, 1, 2})
-        log.drop_stderr()
     try:
         pid_file.write(os.getpid())
     except OSError as exc:
-        message = f"cannot write pid file {pid_file.path}: {exc}"
-        logger.error("%s", message)
-        report.fail(message)
+        logger.error("cannot write pid file %s: %s", pid_file.path, exc)
         return 1
 
-    signals = SignalHandlers(server)
-    signals.install()
+    signals = SignalThread(server)
+    signals.start()
     try:
         report.ready()
         server.serve_forever()
@@ -490,8 +506,8 @@ def _serve(
         logger.exception("the server stopped on an unexpected error")
         return 1
     finally:
-        signals.restore()
-        signals.join(timeout=30)
+        signals.stop()
+    logger.log(log.NOTICE, "istgt version %s (%s) exiting", __version__, EXTRA_VERSION)
     return 0
 
 

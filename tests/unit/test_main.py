@@ -7,6 +7,7 @@ import os
 import signal
 import syslog
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -60,8 +61,12 @@ class FakeServer:
 
     instances: list[FakeServer] = []
 
-    def __init__(self, config, mode, *, listen_error=None, during_serve=None, serve_error=None):
+    def __init__(self, config, mode, *, listen_error=None, during_serve=None, serve_error=None,
+                 slow_shutdown=False):
         self.config, self.mode = config, mode
+        self.shutdown_may_finish = threading.Event()
+        if not slow_shutdown:
+            self.shutdown_may_finish.set()
         self.listen_error, self.during_serve, self.serve_error = (
             listen_error, during_serve, serve_error)
         self.calls: list[str] = []
@@ -83,6 +88,7 @@ class FakeServer:
 
     def shutdown(self):
         self.calls.append("shutdown")
+        assert self.shutdown_may_finish.wait(10)
         self.stopped.set()
 
 
@@ -91,8 +97,11 @@ def fake(**behaviour):
     return lambda config, mode: FakeServer(config, mode, **behaviour)
 
 
-def send_self(sig):
-    return lambda server: os.kill(os.getpid(), sig)
+def wait_for(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.01)
 
 
 # --- flags ----------------------------------------------------------------------------------
@@ -216,14 +225,12 @@ def test_stop_signal_shuts_down_gracefully_and_removes_pid_file(config, caplog, 
         seen["pid"] = pid_path.read_text()
         os.kill(os.getpid(), sig)
 
-    previous = signal.getsignal(sig)
     assert main(["-D", "-c", str(config)], server_factory=fake(during_serve=during_serve)) == 0
     server = FakeServer.instances[0]
     assert server.calls == ["open_portals", "serve_forever", "shutdown"]
     assert server.mode == Mode.NORMAL
     assert seen["pid"] == f"{os.getpid()}\n"
     assert not pid_path.exists()
-    assert signal.getsignal(sig) is previous  # handlers are restored on the way out
     messages = [record.getMessage() for record in caplog.records]
     assert f"istgt version {__version__} ({EXTRA_VERSION})" in messages
     assert "normal mode" in messages
@@ -262,14 +269,21 @@ def test_stale_pid_file_is_replaced_with_a_notice(config, caplog):
                for r in caplog.records)
 
 
-def test_second_stop_signal_does_not_shut_down_twice(config, caplog):
+def test_second_stop_signal_during_shutdown_is_only_logged(config, caplog):
+    def logged(text):
+        return any(record.getMessage() == text for record in caplog.records)
+
     def during_serve(server):
         os.kill(os.getpid(), signal.SIGTERM)
+        wait_for(lambda: "shutdown" in server.calls)
         os.kill(os.getpid(), signal.SIGINT)
+        wait_for(lambda: logged("shutdown already in progress"))
+        server.shutdown_may_finish.set()
 
-    assert main(["-D", "-c", str(config)], server_factory=fake(during_serve=during_serve)) == 0
+    assert main(["-D", "-c", str(config)], server_factory=fake(during_serve=during_serve,
+                                                               slow_shutdown=True)) == 0
     assert FakeServer.instances[0].calls.count("shutdown") == 1
-    assert "shutdown already in progress" in [r.getMessage() for r in caplog.records]
+    assert logged("SIGINT catch")
 
 
 def test_sighup_without_reload_is_logged_and_ignored(config, caplog):
@@ -317,18 +331,34 @@ def test_sighup_calls_reload_in_a_thread_and_survives_its_failure(config, caplog
 
 
 def test_sigusr2_sets_and_sigusr1_clears_all_trace_flags(config):
-    seen = []
-
     def during_serve(server):
         os.kill(os.getpid(), signal.SIGUSR2)
-        seen.append(log.trace_flags())
+        wait_for(lambda: log.trace_flags() == TraceFlag.ALL)
         os.kill(os.getpid(), signal.SIGUSR1)
-        seen.append(log.trace_flags())
+        wait_for(lambda: log.trace_flags() == TraceFlag.NONE)
         os.kill(os.getpid(), signal.SIGTERM)
 
     argv = ["-D", "-c", str(config), "-t", "net"]
     assert main(argv, server_factory=fake(during_serve=during_serve)) == 0
-    assert seen == [TraceFlag.ALL, TraceFlag.NONE]
+
+
+def test_signals_are_blocked_in_server_threads_and_restored_after(config):
+    """Any thread may be the one the kernel picks: only the signal thread may take them."""
+    seen = {}
+
+    def in_a_server_thread():
+        seen["mask"] = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+    def during_serve(server):
+        worker = threading.Thread(target=in_a_server_thread)
+        worker.start()
+        worker.join()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert main(["-D", "-c", str(config)], server_factory=fake(during_serve=during_serve)) == 0
+    assert main_module.SignalThread.HANDLED <= seen["mask"]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
 
 
 def test_sigpipe_is_ignored_while_serving(config):
