@@ -44,10 +44,20 @@ def test_logout_before_login(target):
         pdu = initiator.recv_pdu(timeout=5)
     except ConnectionClosed:
         pdu = None
-    if pdu is not None:  # a Login reject is the other documented answer
-        assert pdu.opcode == LOGIN_RSP and pdu.status_class == 2, repr(pdu)
-        initiator.wait_closed()
+    assert_refused_before_login(initiator, pdu)
     assert_target_still_serves(target)
+
+
+def assert_refused_before_login(initiator, pdu):
+    """Only Login is valid before full feature phase (RFC 7143 6.1): a Login reject
+    (0x020b "invalid during login") or a Reject (protocol error), then the connection closes;
+    or it just closes. C istgt crashed here (bug B1)."""
+    if pdu is not None:
+        if pdu.opcode == LOGIN_RSP:
+            assert pdu.status_class == 2, repr(pdu)
+        else:
+            assert pdu.opcode == REJECT and pdu.reason == PROTOCOL_ERROR, repr(pdu)
+        initiator.wait_closed()
 
 
 @pytest.mark.parametrize("opcode", [NOP_OUT, SCSI_CMD, DATA_OUT, SNACK_REQ])
@@ -58,9 +68,7 @@ def test_other_pdus_before_login(target, opcode):
         pdu = initiator.recv_pdu(timeout=5)
     except ConnectionClosed:
         pdu = None
-    if pdu is not None:  # RFC 7143: a Login reject (0x020b "invalid during login"), or drop
-        assert pdu.opcode == LOGIN_RSP and pdu.status_class == 2, repr(pdu)
-        initiator.wait_closed()
+    assert_refused_before_login(initiator, pdu)
     assert_target_still_serves(target)
 
 
@@ -73,7 +81,7 @@ def test_short_bhs_then_close(target):
 def test_garbage_instead_of_login(target):
     initiator = target.connect()
     initiator.send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(40))
-    initiator.wait_closed()
+    initiator.close()
     assert_target_still_serves(target)
 
 
