@@ -471,6 +471,13 @@ def run(options: Options, server_factory: ServerFactory | None = None) -> int:
         signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
 
 
+def _describe(exc: Exception) -> str:
+    """The server's OSErrors carry their whole message (host:port included) as strerror."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is None:
+        return exc.strerror
+    return str(exc)
+
+
 def _pid_error(path: str, exc: Exception) -> str:
     if isinstance(exc, AlreadyRunning):
         return str(exc)
@@ -489,7 +496,7 @@ def _serve(
         server = server_factory(config, int(options.mode))
         server.open_portals()
     except (OSError, StartupError) as exc:
-        logger.error("%s", exc)
+        logger.error("%s", _describe(exc))
         return 1
     try:
         pid_file.write(os.getpid())
