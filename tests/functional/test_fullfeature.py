@@ -154,3 +154,15 @@ def test_digest_required_but_refused_by_initiator(make_target):
         return
     assert params.keys["HeaderDigest"] == "Reject"
     pytest.fail("login succeeded although the only acceptable digest was refused")
+
+
+def test_logout_one_connection_of_a_session_from_another(make_target):
+    target = make_target(max_connections=2)
+    first = target.session(keys={"MaxConnections": "2"})
+    second = target.connect(isid=first.isid)
+    second.cmd_sn = first.cmd_sn
+    second.login(DISK, tsih=first.tsih, cid=1, keys={"MaxConnections": "2"})
+    rsp = first.logout(CLOSE_CONNECTION, cid=1)  # RFC 7143 11.14: close CID 1 from CID 0
+    assert rsp.response == 0
+    second.wait_closed(timeout=5)
+    assert first.nop_out(b"left").data == b"left"
