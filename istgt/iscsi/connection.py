@@ -40,7 +40,8 @@ class Command:
     """Transport state of one SCSI command while it gathers data or executes."""
 
     __slots__ = ("itt", "lun_field", "task", "buffer", "received", "next_offset",
-                 "outstanding_r2t", "r2t_sn", "read", "holds_slot", "unsolicited_end")
+                 "outstanding_r2t", "r2t_sn", "read", "holds_slot", "unsolicited_end",
+                 "unsolicited_sn")
 
     def __init__(self, itt, lun_field, task, read, holds_slot):
         self.itt = itt
@@ -54,16 +55,18 @@ class Command:
         self.outstanding_r2t = 0
         self.r2t_sn = 0
         self.unsolicited_end = 0
+        self.unsolicited_sn = 0
 
 
 class R2tState:
-    __slots__ = ("command", "offset", "length", "received")
+    __slots__ = ("command", "offset", "length", "received", "data_sn")
 
     def __init__(self, command, offset, length):
         self.command = command
         self.offset = offset
         self.length = length
         self.received = 0
+        self.data_sn = 0         # the DataSN the next Data-Out of this burst must carry
 
 
 class Connection:
@@ -406,6 +409,14 @@ class Connection:
             self._discard_data(length)
             self._send([wire.reject(RejectReason.INVALID_PDU_FIELD, pdu.bhs)])
             return
+        expected_sn = r2t.data_sn if r2t is not None else cmd.unsolicited_sn
+        if pdu.data_sn != expected_sn:
+            # ERL 0 has no recovery for a lost or reordered Data-Out (RFC 7143 7.1.4)
+            raise ProtocolError(f"Data-Out DataSN {pdu.data_sn}, expected {expected_sn}")
+        if r2t is not None:
+            r2t.data_sn += 1
+        else:
+            cmd.unsolicited_sn += 1
         _, ok = self._read_data(length, memoryview(cmd.buffer)[offset:offset + length])
         if not ok:
             # ERL 0: the initiator cannot resend this data, so the connection ends
@@ -489,10 +500,15 @@ class Connection:
                     offset = end
                 if collapse:
                     return out
-        elif cmd.buffer is not None or edtl:
-            got = cmd.received if cmd.buffer is not None else 0
-            if got < edtl:
-                rflags, residual = 0x02, edtl - got
+        elif edtl or task.data_out_length:
+            # write residuals: what the CDB asked for (SPDTL) against EDTL (RFC 7143 11.4.5)
+            wanted = task.data_out_length
+            if wanted is None:
+                wanted = cmd.received if cmd.buffer is not None else 0
+            if wanted > edtl:
+                rflags, residual = 0x04, wanted - edtl
+            elif wanted < edtl:
+                rflags, residual = 0x02, edtl - wanted
             data_sn = cmd.r2t_sn
         r = wire.scsi_response(cmd.itt, status, sense, rflags, residual, data_sn)
         r.ends_command = cmd.holds_slot
