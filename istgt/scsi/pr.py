@@ -9,7 +9,9 @@ Integration (what `DiskDevice` does):
 
     self.reservations = ReservationState(
         raise_ua=...,            # (pattern: ITNexus, asc: int) -> None, see below
-        on_preempt_abort=...,    # (patterns: frozenset[ITNexus]) -> None, optional
+        on_preempt_abort=...,    # (patterns: frozenset[ITNexus]) -> None, optional: abort
+                                 # this LUN's tasks from those nexuses (called from the
+                                 # worker running the PR OUT: it must not wait for it)
         state_changed=...,       # () -> None after each change, optional (APTPL saving)
         target_ports=...,        # () -> Mapping[relative port id, target port], optional
     )
@@ -69,6 +71,7 @@ TRANSPORT_ID_NAME_ONLY = 0x0  # format 00h: iSCSI name
 TRANSPORT_ID_WITH_ISID = 0x1  # format 01h: iSCSI name ",i,0x" ISID
 ISID_SEPARATOR = ",i,0x"
 MIN_TRANSPORT_ID_LENGTH = 24  # SPC-4: ADDITIONAL LENGTH at least 20, a multiple of 4
+_HEX_DIGITS = frozenset("0123456789abcdef")
 
 
 class PrType(IntEnum):
@@ -82,7 +85,10 @@ class PrType(IntEnum):
     @property
     def all_registrants(self) -> bool:
         """Every registered I_T nexus is a reservation holder."""
-        return self in (PrType.WRITE_EXCLUSIVE_ALL_REGISTRANTS, PrType.EXCLUSIVE_ACCESS_ALL_REGISTRANTS)
+        return self in (
+            PrType.WRITE_EXCLUSIVE_ALL_REGISTRANTS,
+            PrType.EXCLUSIVE_ACCESS_ALL_REGISTRANTS,
+        )
 
     @property
     def registrants_only(self) -> bool:
@@ -211,7 +217,9 @@ RESERVATION_RULES: dict[int, ReservationRule] = {
     Opcode.START_STOP_UNIT: ReservationRule(_start_stop_access),
     Opcode.RECEIVE_DIAGNOSTIC_RESULTS: _READ,
     Opcode.SEND_DIAGNOSTIC: _WRITE,
-    Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL: ReservationRule(_prevent_allow_access, _prevent_allow_spc2),
+    Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL: ReservationRule(
+        _prevent_allow_access, _prevent_allow_spc2
+    ),
     Opcode.READ_CAPACITY_10: _ALLOWED,
     Opcode.READ_10: _READ,
     Opcode.WRITE_10: _WRITE,
@@ -293,7 +301,8 @@ def _normalised(nexus: ITNexus) -> ITNexus:
 def encode_transport_id(initiator_port: str) -> bytes:
     """iSCSI TransportID (SPC-4 7.6.4.6): format 01h for `name,i,0x<isid>`, 00h for a bare
     name; the name is NUL-terminated and padded to a multiple of 4 (at least 20 bytes)."""
-    fmt = TRANSPORT_ID_WITH_ISID if ISID_SEPARATOR in initiator_port.lower() else TRANSPORT_ID_NAME_ONLY
+    with_isid = ISID_SEPARATOR in initiator_port.lower()
+    fmt = TRANSPORT_ID_WITH_ISID if with_isid else TRANSPORT_ID_NAME_ONLY
     name = initiator_port.encode("utf-8") + b"\0"
     padded_length = max(MIN_TRANSPORT_ID_LENGTH - 4, (len(name) + 3) // 4 * 4)
     name = name.ljust(padded_length, b"\0")
@@ -325,7 +334,7 @@ def parse_transport_id(data: bytes, offset: int, end: int) -> tuple[str, int]:
         if separator:
             raise invalid_field_in_parameter_list(offset, 7)
         return name, length
-    if not separator or not isid or len(isid) > 12 or any(c not in "0123456789abcdef" for c in isid):
+    if not separator or not 0 < len(isid) <= 12 or any(c not in _HEX_DIGITS for c in isid):
         raise invalid_field_in_parameter_list(offset + 4)
     return f"{name}{ISID_SEPARATOR}{int(isid, 16):012x}", length
 
@@ -385,6 +394,10 @@ def _conflict_status(task: ScsiTask) -> None:
 
 def _parameter_list_length_error() -> CheckCondition:
     return CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.PARAMETER_LIST_LENGTH_ERROR)
+
+
+def _no_registration_resources() -> CheckCondition:
+    return CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INSUFFICIENT_REGISTRATION_RESOURCES)
 
 
 class ReservationState:
@@ -546,12 +559,13 @@ class ReservationState:
     ) -> None:
         scope, type_code = cdb[2] >> 4, cdb[2] & 0x0F
         if action is PrOutAction.REGISTER_AND_MOVE:
-            self._register_and_move(cdb, data, nexus, effects)
+            self._register_and_move(data, nexus, effects)
             return
         if len(data) < BASIC_PARAMETER_LIST_LENGTH:
             raise _parameter_list_length_error()
         key, service_action_key = u64(data, 0), u64(data, 8)
-        spec_i_pt, all_tg_pt, aptpl = bool(data[20] & 0x08), bool(data[20] & 0x04), bool(data[20] & 0x01)
+        flags = data[20]
+        spec_i_pt, all_tg_pt, aptpl = bool(flags & 0x08), bool(flags & 0x04), bool(flags & 0x01)
         if spec_i_pt and action is PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY:
             raise invalid_field_in_parameter_list(20, 3)
         if spec_i_pt and action is PrOutAction.REGISTER:
@@ -639,11 +653,15 @@ class ReservationState:
                     raise invalid_field_in_parameter_list(SPEC_I_PT_HEADER_LENGTH)
                 added.append(
                     Registration(
-                        service_action_key, port, nexus.target_port, nexus.relative_port_id, all_tg_pt
+                        service_action_key,
+                        port,
+                        nexus.target_port,
+                        nexus.relative_port_id,
+                        all_tg_pt,
                     )
                 )
             if len(self._registrations) + len(added) > self.max_registrations:
-                raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INSUFFICIENT_REGISTRATION_RESOURCES)
+                raise _no_registration_resources()
             self._registrations.extend(added)
         else:
             if not ignore_existing and key != registration.key:
@@ -669,13 +687,17 @@ class ReservationState:
         self._reservation = Reservation(pr_type, holder)
         effects.changed = True
 
-    def _release(self, nexus: ITNexus, key: int, scope: int, type_code: int, effects: _Effects) -> None:
+    def _release(
+        self, nexus: ITNexus, key: int, scope: int, type_code: int, effects: _Effects
+    ) -> None:
         self._registered(nexus, key)
         reservation = self._reservation
         if reservation is None or not self._is_holder(nexus):
             return  # SPC-4: a release by a non-holder succeeds and does nothing
         if scope != LU_SCOPE or type_code != reservation.type:
-            raise CheckCondition(SenseKey.ILLEGAL_REQUEST, INVALID_RELEASE_OF_PERSISTENT_RESERVATION)
+            raise CheckCondition(
+                SenseKey.ILLEGAL_REQUEST, INVALID_RELEASE_OF_PERSISTENT_RESERVATION
+            )
         self._reservation = None
         if reservation.type.admits_registrants:
             effects.unit_attention(self._others(nexus), Asc.RESERVATIONS_RELEASED)
@@ -731,7 +753,7 @@ class ReservationState:
             effects.aborted.update(v.pattern for v in victims)
         self._bump(effects)
 
-    def _register_and_move(self, cdb: bytes, data: bytes, nexus: ITNexus, effects: _Effects) -> None:
+    def _register_and_move(self, data: bytes, nexus: ITNexus, effects: _Effects) -> None:
         if len(data) < REGISTER_AND_MOVE_HEADER_LENGTH:
             raise _parameter_list_length_error()
         key, service_action_key = u64(data, 0), u64(data, 8)
@@ -758,7 +780,7 @@ class ReservationState:
             existing.key = service_action_key
         else:
             if len(self._registrations) >= self.max_registrations:
-                raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INSUFFICIENT_REGISTRATION_RESOURCES)
+                raise _no_registration_resources()
             self._registrations.append(
                 Registration(service_action_key, port, target_port, relative_port_id)
             )
@@ -970,7 +992,9 @@ class ReservationState:
                 if not pr_type.all_registrants:
                     initiator, target, relative = holder_fields
                     holder = ITNexus(
-                        _checked_str(initiator), _checked_str(target), _checked_int(relative, 0xFFFF)
+                        _checked_str(initiator),
+                        _checked_str(target),
+                        _checked_int(relative, 0xFFFF),
                     )
                 reservation = Reservation(pr_type, holder)
         except (KeyError, TypeError, IndexError) as exc:
