@@ -22,10 +22,10 @@ test: test-tools test-venv
 venv: $(VENV)/.installed
 test-venv: $(VENV)/.installed-test
 
+# Debian's python3 creates venvs only with python3-venv installed: install it on failure.
 $(BIN)/python:
-	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || \
-		{ $(APT_GET) update && $(APT_GET) install -y python3-venv; }
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV) && $(APT_GET) update \
+		&& $(APT_GET) install -y python3-venv && $(PYTHON) -m venv $(VENV); }
 
 $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install -e .

@@ -146,6 +146,17 @@ def _parse_mode(text: str) -> Mode:
         raise UsageError(f"unknown mode {text}") from None
 
 
+class ServerLike(Protocol):
+    """What main needs of istgt.server.Server (tests pass a fake)."""
+
+    def open_portals(self) -> None: ...
+    def serve_forever(self) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+ServerFactory = Callable[[Any, int], ServerLike]
+
+
 # --- pid file -------------------------------------------------------------------------------
 
 
@@ -323,15 +334,6 @@ def _is_open(fd: int) -> bool:
 # --- signals --------------------------------------------------------------------------------
 
 
-class ServerLike(Protocol):
-    def open_portals(self) -> None: ...
-    def serve_forever(self) -> None: ...
-    def shutdown(self) -> None: ...
-
-
-ServerFactory = Callable[[Any, int], ServerLike]
-
-
 class SignalThread:
     """istgt's signal thread, as in C istgt: every thread blocks istgt's signals and this one
     takes them with sigwait().
@@ -463,7 +465,11 @@ def run(options: Options, server_factory: ServerFactory | None = None) -> int:
         report = StartupReport()
         if not options.foreground:
             # Keep what start-up opened (pid file, syslog); close what the shell passed in.
-            report = detach(open_fds() - inherited_fds - {0, 1, 2})
+            try:
+                report = detach(open_fds() - inherited_fds - {0, 1, 2})
+            except OSError as exc:
+                logger.error("cannot become a daemon: %s", exc)
+                return 1
         return _serve(options, config, pid_file, report, server_factory or Server)
     finally:
         pid_file.release()

@@ -412,3 +412,31 @@ def test_acquire_in_a_missing_directory_is_an_oserror(tmp_path, config, capsys):
     argv = ["-D", "-c", str(config), "-p", str(tmp_path / "no" / "such" / "x.pid")]
     assert main(argv, server_factory=fake()) == 1
     assert "cannot lock pid file" in capsys.readouterr().err
+
+
+# --- the caller's side of daemon start-up -----------------------------------------------------
+
+
+def relay(data: bytes, capfd) -> tuple[int, str]:
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, data)
+    os.close(write_fd)
+    code = main_module._relay_startup_output(read_fd)
+    return code, capfd.readouterr().err
+
+
+def test_caller_prints_the_daemons_start_up_output_and_exits_0_when_ready(capfd):
+    code, err = relay(b"istgt version 0.5.0\n" + main_module.READY_MARK, capfd)
+    assert (code, err) == (0, "istgt version 0.5.0\n")
+
+
+def test_caller_exits_1_when_the_daemon_dies_before_ready(capfd):
+    code, err = relay(b"***ERROR*** listen error 127.0.0.1:3260: Address in use\n", capfd)
+    assert code == 1
+    assert err.startswith("***ERROR*** listen error 127.0.0.1:3260")
+    assert "start-up failed" in err
+
+
+def test_output_after_the_ready_mark_is_not_printed(capfd):
+    code, err = relay(b"a\n" + main_module.READY_MARK + b"late\n", capfd)
+    assert (code, err) == (0, "a\n")
