@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -248,3 +249,67 @@ def test_daemon_detaches_serves_locks_pid_file_and_stops_on_sigterm(tmp_path, da
 
     os.kill(pid, signal.SIGTERM)
     wait_gone(pid, pid_file)
+
+
+class LineReader:
+    """Collects a running process's stderr lines in a thread, so a test can wait for one."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(process.stderr,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, text: str, after: int = -1, timeout: float = 10) -> int:
+        """Index of the first line after line ``after`` that contains ``text``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for index, line in enumerate(self.lines[after + 1:], start=after + 1):
+                if text in line:
+                    return index
+            time.sleep(0.02)
+        raise AssertionError(f"no line with {text!r} after line {after} in {self.lines}")
+
+    def join(self) -> None:
+        self._thread.join(10)
+
+
+def discover(port: int) -> None:
+    """One complete discovery session: its connection has surely been accepted and logged."""
+    listing = subprocess.run(["iscsi-ls", f"iscsi://127.0.0.1:{port}"], capture_output=True,
+                             text=True, timeout=60)
+    assert TARGET in listing.stdout, listing.stderr
+
+
+def test_trace_and_reload_signals_keep_the_target_serving(tmp_path):
+    port = free_port()
+    pid_file = tmp_path / "istgt.pid"
+    process = start("-D", "-t", "NET", "-c", str(write_config(tmp_path, port)), cwd=tmp_path)
+    lines = LineReader(process)
+    accepted = "connection from"  # istgt.net DEBUG, logged when a connection is accepted
+    try:
+        wait_serving(process, pid_file, port)
+        discover(port)
+        traced = lines.wait_for(accepted)
+        assert ">server:" in lines.lines[traced]  # the trace format: thread>module:line:func:
+        process.send_signal(signal.SIGUSR1)
+        cleared = lines.wait_for("trace flags cleared")
+        discover(port)
+        process.send_signal(signal.SIGUSR2)
+        all_on = lines.wait_for("trace flags all on", after=cleared)
+        assert not any(accepted in line for line in lines.lines[cleared:all_on])
+        discover(port)
+        lines.wait_for(accepted, after=all_on)
+        process.send_signal(signal.SIGHUP)
+        lines.wait_for("SIGHUP catch")
+        discover(port)
+        assert process.poll() is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(30)
+        lines.join()
+    assert code == 0
+    assert not pid_file.exists()

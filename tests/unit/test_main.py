@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import signal
 import syslog
@@ -440,3 +441,30 @@ def test_caller_exits_1_when_the_daemon_dies_before_ready(capfd):
 def test_output_after_the_ready_mark_is_not_printed(capfd):
     code, err = relay(b"a\n" + main_module.READY_MARK + b"late\n", capfd)
     assert (code, err) == (0, "a\n")
+
+
+@pytest.mark.parametrize(("argv", "facility"), [([], syslog.LOG_LOCAL0),
+                                                 (["-l", "daemon"], syslog.LOG_DAEMON)])
+def test_syslog_facility_comes_from_the_flag_else_the_config(config, monkeypatch, argv, facility):
+    opened = []
+    monkeypatch.setattr(syslog, "openlog", lambda *args: opened.append(args))
+
+    def during_serve(server):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    argv = ["-D", "-c", str(config), *argv]
+    assert main(argv, server_factory=fake(during_serve=during_serve)) == 0
+    assert opened == [("istgt", syslog.LOG_PID, facility)]
+
+
+def test_quiet_flag_drops_warnings(config, capsys):
+    def during_serve(server):
+        logging.getLogger("istgt.lu").warning("a warning nobody wants")
+        logging.getLogger("istgt.lu").error("an error everybody sees")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    assert main(["-D", "-q", "-c", str(config)],
+                server_factory=fake(during_serve=during_serve)) == 0
+    err = capsys.readouterr().err
+    assert "an error everybody sees" in err
+    assert "a warning nobody wants" not in err
