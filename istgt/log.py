@@ -15,6 +15,7 @@ import enum
 import logging
 import sys
 import syslog
+from typing import ClassVar
 
 NOTICE = 25
 """Between INFO and WARNING, for istgt's NOTICE messages (start-up, logins, reloads)."""
@@ -78,13 +79,18 @@ def parse_facility(name: str) -> int:
         ) from None
 
 
+TRACE_FLAG_NAMES = ("net", "iscsi", "scsi", "lu", "all", "none")
+"""What -t accepts (DEBUG is a part of ALL, not a flag of its own)."""
+
+
 def parse_trace_flag(name: str, current: TraceFlag = TraceFlag.NONE) -> TraceFlag:
     """Apply one -t value to ``current``: flags are OR'ed, NONE clears them all."""
-    try:
-        flag = TraceFlag[name.strip().upper()]
-    except KeyError:
-        choices = ", ".join(f.name.lower() for f in TraceFlag if f.name != "DEBUG")
-        raise LogSetupError(f"unknown trace flag {name!r} (expected one of: {choices})") from None
+    key = name.strip().lower()
+    if key not in TRACE_FLAG_NAMES:
+        raise LogSetupError(
+            f"unknown trace flag {name!r} (expected one of: {', '.join(TRACE_FLAG_NAMES)})"
+        )
+    flag = TraceFlag[key.upper()]
     if flag is TraceFlag.NONE:
         return TraceFlag.NONE
     return current | flag
@@ -94,7 +100,7 @@ class IstgtFormatter(logging.Formatter):
     """istgt's message shapes: plain NOTICE/INFO, located ***WARNING***/***ERROR***, traces."""
 
     _LOCATION = "%(module)s:%(lineno)d:%(funcName)s: "
-    _FORMATS = {
+    _FORMATS: ClassVar[dict[int, str]] = {
         logging.DEBUG: "%(threadName)s>" + _LOCATION + "%(message)s",
         logging.WARNING: _LOCATION + "***WARNING*** %(message)s",
         logging.ERROR: _LOCATION + "***ERROR*** %(message)s",
@@ -108,7 +114,7 @@ class IstgtFormatter(logging.Formatter):
         self._plain = logging.PercentStyle(prefix + "%(message)s")
         self._uses_time = "%(asctime)" in prefix
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+    def formatMessage(self, record: logging.LogRecord) -> str:
         if record.levelno >= logging.ERROR:
             style = self._styles[logging.ERROR]
         elif record.levelno >= logging.WARNING:
@@ -119,7 +125,7 @@ class IstgtFormatter(logging.Formatter):
             style = self._plain
         return style.format(record)
 
-    def usesTime(self) -> bool:  # noqa: N802 (logging's name)
+    def usesTime(self) -> bool:
         return self._uses_time
 
 

@@ -345,7 +345,7 @@ class SignalThread:
     """
 
     STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
-    HANDLED = {*STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+    HANDLED = frozenset({*STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2})
 
     def __init__(self, server: ServerLike) -> None:
         self._server = server

@@ -75,10 +75,11 @@ def test_trace_flag_values_match_istgt_masks():
     assert TraceFlag.ALL == 0x8000FFFF
 
 
-@pytest.mark.parametrize("name", ["bogus", "debug2", ""])
-def test_unknown_trace_flag_raises(name):
-    with pytest.raises(log.LogSetupError, match="unknown trace flag"):
+@pytest.mark.parametrize("name", ["bogus", "debug", "debug2", ""])
+def test_unknown_trace_flag_raises_listing_the_accepted_names(name):
+    with pytest.raises(log.LogSetupError, match="unknown trace flag") as info:
         log.parse_trace_flag(name)
+    assert "net, iscsi, scsi, lu, all, none" in str(info.value)
 
 
 def test_setup_rejects_an_unknown_facility():

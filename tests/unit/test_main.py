@@ -147,7 +147,7 @@ def test_usage_exits_0_on_stdout(capsys):
     assert main(["-H"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Usage: istgt")
-    for flag in "-c -p -l -m -t -q -D -H -V".split():
+    for flag in ["-c", "-p", "-l", "-m", "-t", "-q", "-D", "-H", "-V"]:
         assert f" {flag} " in out
 
 
