@@ -27,6 +27,7 @@ LOGIN_MAX_SEGMENT = 65536
 HARD_MAX_SEGMENT = 16 * 1024 * 1024     # beyond this a length cannot be resynchronised
 MAX_WRITE_BUFFER = 64 * 1024 * 1024     # EDTL cap for a write (Block Limits advertises less)
 IOV_MAX = 1000
+RECV_BUFFER = 256 * 1024
 GOOD, CHECK_CONDITION = 0x00, 0x02
 RESERVED = wire.RESERVED_TAG
 M32 = 0xFFFFFFFF
@@ -96,6 +97,9 @@ class Connection:
         self.text_rest: dict[int, bytes] = {}  # TTT -> rest of a long Text response
         self.text_in = bytearray()            # C-bit continuation of a Text request
         self._next_ttt = 1
+        self._rbuf = bytearray(RECV_BUFFER)
+        self._rview = memoryview(self._rbuf)
+        self._rstart = self._rend = 0         # unread bytes are _rbuf[_rstart:_rend]
         # shared state
         self.lock = threading.Lock()
         self.active: dict[int, Command] = {}  # ITT -> executing command; guarded by lock
@@ -121,7 +125,50 @@ class Connection:
         self._receiver.start()
 
     # ================================================================== receiving
+    # Receiving goes through one reused buffer: a single recv often brings several PDUs
+    # (queue depth > 1), which are then parsed without further system calls. Payloads too
+    # big for the buffer go straight from the socket into their destination.
+    def _fill(self, need: int) -> None:
+        """Make at least `need` bytes available in the receive buffer."""
+        start, end = self._rstart, self._rend
+        if end - start >= need:
+            return
+        if start + need > RECV_BUFFER:
+            self._rview[:end - start] = self._rview[start:end]
+            start, end = 0, end - start
+            self._rstart = 0
+        sock = self.sock
+        view = self._rview
+        while end - start < need:
+            n = sock.recv_into(view[end:])
+            if n == 0:
+                self._rend = end
+                raise ConnectionClosed("peer closed the connection")
+            end += n
+        self._rend = end
+
+    def _take(self, n: int) -> bytes:
+        self._fill(n)
+        start = self._rstart
+        self._rstart = start + n
+        return bytes(self._rview[start:start + n])
+
     def _recv_into(self, view: memoryview) -> None:
+        """Fill `view` exactly: first from the buffer, then directly from the socket."""
+        start = self._rstart
+        buffered = min(len(view), self._rend - start)
+        if buffered:
+            view[:buffered] = self._rview[start:start + buffered]
+            self._rstart = start + buffered
+            view = view[buffered:]
+        if not view:
+            return
+        if len(view) < RECV_BUFFER // 4:
+            self._fill(len(view))
+            start = self._rstart
+            view[:] = self._rview[start:start + len(view)]
+            self._rstart = start + len(view)
+            return
         sock = self.sock
         while view:
             n = sock.recv_into(view, len(view), socket.MSG_WAITALL)
@@ -129,21 +176,21 @@ class Connection:
                 raise ConnectionClosed("peer closed the connection")
             view = view[n:]
 
-    def _recv_bytes(self, n: int) -> bytearray:
+    def _recv_bytes(self, n: int):
+        if n <= RECV_BUFFER // 4:
+            return self._take(n)
         buf = bytearray(n)
-        if n:
-            self._recv_into(memoryview(buf))
+        self._recv_into(memoryview(buf))
         return buf
 
-    def _read_header(self) -> tuple[bytearray, bytes]:
-        bhs = bytearray(wire.BHS_LEN)
-        self._recv_into(memoryview(bhs))
+    def _read_header(self) -> tuple[bytes, bytes]:
+        bhs = self._take(wire.BHS_LEN)
         self.last_rx = time.monotonic()
         ahs_len = bhs[4] * 4
-        ahs = bytes(self._recv_bytes(ahs_len)) if ahs_len else b""
+        ahs = self._take(ahs_len) if ahs_len else b""
         if self.header_digest:
-            got = int.from_bytes(self._recv_bytes(4), "little")
-            crc = wire.crc32c(bytes(bhs) + ahs) if ahs else wire.crc32c(bytes(bhs))
+            got = int.from_bytes(self._take(4), "little")
+            crc = wire.crc32c(bhs + ahs) if ahs else wire.crc32c(bhs)
             if got != crc:
                 # ERL 0: the length fields cannot be trusted, so the stream is lost
                 raise ProtocolError("header digest error")

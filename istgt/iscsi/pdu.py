@@ -92,12 +92,18 @@ OFF_SN2 = 28    # ExpStatSN (request) / ExpCmdSN (response)
 OFF_SN3 = 32    # MaxCmdSN (response)
 
 
+def _readonly(data):
+    # google_crc32c parses its argument with "y#", which refuses every buffer but bytes
+    # (even a read-only memoryview), so other buffers cost one copy
+    return data if isinstance(data, bytes) else bytes(data)
+
+
 def crc32c(data) -> int:
-    return google_crc32c.value(data)
+    return google_crc32c.value(_readonly(data))
 
 
 def crc32c_extend(crc: int, data) -> int:
-    return google_crc32c.extend(crc, data)
+    return google_crc32c.extend(crc, _readonly(data))
 
 
 def digest_bytes(crc: int) -> bytes:

@@ -14,6 +14,12 @@ def test_crc32c_known_vector_and_wire_order():
     assert wire.digest_bytes(0x8A9136AA) == bytes([0xAA, 0x36, 0x91, 0x8A])
 
 
+def test_crc32c_accepts_writable_buffers():
+    data = bytearray(b"abc" * 100)
+    assert wire.crc32c(memoryview(data)) == google_crc32c.value(bytes(data))
+    assert wire.crc32c(memoryview(data)[10:]) == google_crc32c.value(bytes(data[10:]))
+
+
 def test_crc32c_extend_equals_one_shot():
     data = bytes(range(200))
     assert wire.crc32c_extend(wire.crc32c(data[:77]), data[77:]) == google_crc32c.value(data)
