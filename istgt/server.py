@@ -17,6 +17,7 @@ net_log = logging.getLogger("istgt.net")
 
 LISTEN_BACKLOG = 128
 SHUTDOWN_WAIT = 10.0
+KEEPALIVE_TICK = 0.25     # NOP-In timing granularity (seconds)
 
 
 class StartupError(Exception):
@@ -162,7 +163,7 @@ class Server:
 
     def _keepalive_loop(self) -> None:
         g = self.config.global_
-        while not self._stopping.wait(1.0):
+        while not self._stopping.wait(KEEPALIVE_TICK):
             now = time.monotonic()
             for conn in self.connections():
                 conn.tick(now, g.nop_in_interval, g.timeout)

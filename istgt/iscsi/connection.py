@@ -587,7 +587,7 @@ class Connection:
         self._send([wire.nop_in(RESERVED, ttt, 0, takes_statsn=False)])
 
     def tick(self, now: float, nop_interval: int, timeout: int) -> None:
-        """Called about once a second by the server's keep-alive thread."""
+        """Called every KEEPALIVE_TICK by the server's keep-alive thread."""
         if self.closing:
             return
         if not self.in_ffp:
