@@ -529,7 +529,8 @@ class Initiator:
                             itt=itt, words={20: ttt, 24: self._cmd_sn_for(immediate),
                                             28: self.exp_stat_sn})
             self.send_pdu(bhs, data)
-            rsp = self.wait_for(lambda p: p.opcode in (TEXT_RSP, REJECT) and p.itt in (itt, RESERVED_TAG))
+            rsp = self.wait_for(lambda p: p.opcode == TEXT_RSP and p.itt == itt
+                                or p.opcode == REJECT)
             if rsp.opcode == REJECT:
                 raise ProtocolViolation(f"Text rejected: reason {rsp.reason:#x}")
             result += rsp.data
@@ -630,7 +631,9 @@ class Initiator:
         immediate_len = 0
         if data_out and use_immediate_data and self.params.yes("ImmediateData"):
             immediate_len = min(first_burst, self.target_mrdsl, len(data_out))
-        unsolicited = first_burst if data_out and not self.params.yes("InitialR2T") else immediate_len
+        unsolicited = immediate_len
+        if data_out and not self.params.yes("InitialR2T"):
+            unsolicited = first_burst  # immediate data plus unsolicited Data-Out
         flags = 0x80 | (0x40 if read_length else 0) | (0x20 if write else 0) | attr
         final_in_cmd = unsolicited == immediate_len
         if not final_in_cmd:
@@ -743,7 +746,8 @@ class Initiator:
         result = self.scsi(bytes([0x9E, 0x10]) + bytes(8) + (32).to_bytes(4, "big") + bytes(2),
                            lun, read_length=32)
         if result.status != 0:
-            raise AssertionError(f"READ CAPACITY(16) status {result.status:#x} {result.sense.hex()}")
+            raise AssertionError(f"READ CAPACITY(16): status {result.status:#x}, "
+                                 f"sense {result.sense.hex()}")
         return int.from_bytes(result.data[:8], "big") + 1, int.from_bytes(result.data[8:12], "big")
 
     def read10(self, lba: int, blocks: int, block_size: int = 512, lun: int = 0, **kw):

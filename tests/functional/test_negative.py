@@ -297,3 +297,32 @@ def test_many_connections_dropped_mid_login(target):
                              ("AuthMethod", "None")], 0, 1, True)
         initiator.close()
     assert_target_still_serves(target)
+
+
+def test_data_segment_over_target_mrdsl(target):
+    initiator = target.session()
+    limit = initiator.target_mrdsl
+    bhs = nop_bhs(initiator, length=limit + 512)
+    initiator.send_pdu(bhs, bytes(limit + 512))
+    try:
+        expect_reject(initiator, bhs, PROTOCOL_ERROR)
+    except ConnectionClosed:
+        assert_target_still_serves(target)
+        return
+    assert initiator.nop_out(b"next").data == b"next"
+
+
+def test_data_out_beyond_the_r2t_window_rejected(target):
+    initiator = target.session(keys={"ImmediateData": "No"})
+    itt = initiator.submit(struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 8, 0), data_out=bytes(4096))
+    r2t = initiator.recv_pdu()
+    assert r2t.opcode == R2T and r2t.desired_length == 4096
+    bhs = build_bhs(DATA_OUT, flags=0x80, data_length=512, itt=itt,
+                    words={20: r2t.ttt, 28: initiator.exp_stat_sn, 36: 0, 40: 4096})
+    initiator.send_pdu(bhs, bytes(512))  # offset 4096: outside what the R2T asked for
+    try:
+        expect_reject(initiator, bhs, INVALID_PDU_FIELD)
+    except ConnectionClosed:
+        return
+    initiator.handle(r2t)
+    assert initiator.collect(itt).status == GOOD
