@@ -31,6 +31,9 @@ class LogicalUnit:
         self._queue = TaskQueue(limit)
         workers = 1 if self.queue_depth == 0 else min(MAX_WORKERS, self.queue_depth)
         self._pool = WorkerPool(f"LU{self.number}", self._queue, self._execute, workers)
+        for device in devices.values():
+            if hasattr(device, "abort_nexuses"):
+                device.abort_nexuses = self._abort_preempted
         self._pool.start()
 
     # ---- execution
@@ -68,6 +71,18 @@ class LogicalUnit:
         for e in running:                # its worker calls done(task, True) when it ends
             e.finished.wait(60)
         return removed + running
+
+    def _abort_preempted(self, lun: int, patterns) -> None:
+        """PREEMPT AND ABORT: drop the preempted nexuses' tasks on `lun` without waiting
+        (it runs on the worker executing the PR OUT; running tasks just lose their answer)."""
+        from istgt.scsi.pr import nexus_matches
+
+        def match(e):
+            t = e.task
+            return t.lun == lun and any(nexus_matches(p, t.nexus) for p in patterns)
+        removed, _running = self._queue.abort(match)
+        for e in removed:
+            e.done(e.task, True)
 
     def abort_task(self, nexus, tag: int) -> bool:
         return bool(self.abort(lambda t: t.nexus == nexus and t.tag == tag))

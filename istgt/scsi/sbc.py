@@ -13,7 +13,7 @@ import struct
 import threading
 from typing import Any, Iterable
 
-from istgt.scsi import spc
+from istgt.scsi import pr, spc
 from istgt.scsi.command import (
     CommandSpec,
     CommandTable,
@@ -106,6 +106,13 @@ class DiskDevice:
         self._prevent: set[ITNexus] = set()  # guarded by _state_lock
         # Serialises read-modify-write commands (COMPARE AND WRITE, ORWRITE) against each other.
         self._atomic_lock = threading.Lock()
+        # Set by the owning LogicalUnit: abort this LUN's tasks from the given nexus patterns
+        # (PREEMPT AND ABORT); it must not wait for the running PR OUT itself.
+        self.abort_nexuses: Any = None
+        self.reservations = pr.ReservationState(
+            raise_ua=self._reservation_unit_attention,
+            on_preempt_abort=self._preempt_abort,
+        )
 
     # --- public API -----------------------------------------------------------------
 
@@ -130,6 +137,7 @@ class DiskDevice:
         with self._state_lock:
             self._unit_attentions.pop(nexus, None)
             self._prevent.discard(nexus)
+        self.reservations.nexus_lost(nexus)
 
     def reset(self, kind: ResetKind | str = ResetKind.LOGICAL_UNIT) -> None:
         """A LOGICAL UNIT RESET / target reset: report it to every nexus (SAM-5 6.3).
@@ -141,6 +149,7 @@ class DiskDevice:
             self.flush()
         except OSError:
             log.exception("LUN%d: flush during reset failed", self.lun_number)
+        self.reservations.reset()
         with self._state_lock:
             self._prevent.clear()
             if kind in (ResetKind.POWER_ON, ResetKind.TARGET_COLD):
@@ -192,6 +201,9 @@ class DiskDevice:
                 SenseKey.NOT_READY, Asc.LOGICAL_UNIT_NOT_READY_MANUAL_INTERVENTION_REQUIRED
             )
         check_reserved_bits(spec, cdb)
+        if self.reservations.conflicts(task):
+            task.status = ScsiStatus.RESERVATION_CONFLICT   # no sense data (SAM-5)
+            return
         if spec.medium_access and self._stopped:
             raise CheckCondition(
                 SenseKey.NOT_READY, Asc.LOGICAL_UNIT_NOT_READY_INITIALIZING_COMMAND_REQUIRED
@@ -229,6 +241,16 @@ class DiskDevice:
                     descriptor=descriptor,
                 )
         return None
+
+    def _reservation_unit_attention(self, pattern: ITNexus, asc: int) -> None:
+        with self._state_lock:
+            for nexus, pending in self._unit_attentions.items():
+                if pr.nexus_matches(pattern, nexus) and asc not in pending:
+                    pending.append(asc)
+
+    def _preempt_abort(self, patterns: frozenset[ITNexus]) -> None:
+        if self.abort_nexuses is not None:
+            self.abort_nexuses(self.lun_number, patterns)
 
     def mode_select_changed(self, nexus: ITNexus) -> None:
         self._queue_unit_attention(Asc.MODE_PARAMETERS_CHANGED, except_nexus=nexus)
@@ -605,6 +627,28 @@ def report_luns(device: DiskDevice, task: ScsiTask) -> None:
     spc.execute_report_luns(task, device.lun_numbers())
 
 
+def persistent_reserve_in(device: DiskDevice, task: ScsiTask) -> None:
+    device.reservations.persistent_reserve_in(task)
+
+
+def persistent_reserve_out(device: DiskDevice, task: ScsiTask) -> None:
+    device.reservations.persistent_reserve_out(task)
+
+
+def reserve(device: DiskDevice, task: ScsiTask) -> None:
+    if task.cdb[0] == Opcode.RESERVE_6:
+        device.reservations.reserve6(task)
+    else:
+        device.reservations.reserve10(task)
+
+
+def release(device: DiskDevice, task: ScsiTask) -> None:
+    if task.cdb[0] == Opcode.RELEASE_6:
+        device.reservations.release6(task)
+    else:
+        device.reservations.release10(task)
+
+
 def read_defect_data(device: DiskDevice, task: ScsiTask) -> None:
     cdb = task.cdb
     lists = cdb[2] & 0x18
@@ -655,8 +699,28 @@ _GROUP16 = ((14, 0x1F),)
 _RW_FLAGS = ((1, DPO | FUA | FUA_NV),)
 _MEDIUM = {"medium_access": True}
 
+_PR_IN_FIELDS = ((7, 0xFF), (8, 0xFF))
+_PR_OUT_FIELDS = ((2, 0xFF), (5, 0xFF), (6, 0xFF), (7, 0xFF), (8, 0xFF))
+_PR_IN_ACTIONS = ("READ KEYS", "READ RESERVATION", "REPORT CAPABILITIES", "READ FULL STATUS")
+_PR_OUT_ACTIONS = ("REGISTER", "RESERVE", "RELEASE", "CLEAR", "PREEMPT", "PREEMPT AND ABORT",
+                   "REGISTER AND IGNORE EXISTING KEY", "REGISTER AND MOVE")
+
+_RESERVATION_COMMANDS = [
+    *(_spec(Opcode.PERSISTENT_RESERVE_IN, f"PERSISTENT RESERVE IN ({name})",
+            persistent_reserve_in, _IN, _PR_IN_FIELDS, service_action=sa)
+      for sa, name in enumerate(_PR_IN_ACTIONS)),
+    *(_spec(Opcode.PERSISTENT_RESERVE_OUT, f"PERSISTENT RESERVE OUT ({name})",
+            persistent_reserve_out, _OUT, _PR_OUT_FIELDS, service_action=sa)
+      for sa, name in enumerate(_PR_OUT_ACTIONS)),
+    _spec(Opcode.RESERVE_6, "RESERVE(6)", reserve, _NONE, ()),
+    _spec(Opcode.RELEASE_6, "RELEASE(6)", release, _NONE, ()),
+    _spec(Opcode.RESERVE_10, "RESERVE(10)", reserve, _NONE, ()),
+    _spec(Opcode.RELEASE_10, "RELEASE(10)", release, _NONE, ()),
+]
+
 DISK_COMMANDS = CommandTable(
     [
+        *_RESERVATION_COMMANDS,
         _spec(Opcode.TEST_UNIT_READY, "TEST UNIT READY", spc.test_unit_ready, _NONE, (), **_MEDIUM),
         _spec(
             Opcode.REQUEST_SENSE, "REQUEST SENSE", spc.request_sense, _IN,
