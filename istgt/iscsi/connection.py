@@ -636,12 +636,12 @@ class Connection:
                     target.clear_task_set(lun, nexus)
                 else:
                     self.server.abort_writes_everywhere(target, lambda c: c.task.lun == lun)
-                    target.lun_reset(lun)
+                    target.lun_reset(lun, nexus)
                 response = TmfResponse.COMPLETE
         elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
             self.server.abort_writes_everywhere(target, lambda c: True)
             cold = fn == TmfFunction.TARGET_COLD_RESET
-            target.target_reset("cold" if cold else "warm")
+            target.target_reset("cold" if cold else "warm", nexus)
             response = TmfResponse.COMPLETE
             if cold:
                 after = lambda: self.server.close_target_sessions(target, "target cold reset")

@@ -139,9 +139,11 @@ class DiskDevice:
             self._prevent.discard(nexus)
         self.reservations.nexus_lost(nexus)
 
-    def reset(self, kind: ResetKind | str = ResetKind.LOGICAL_UNIT) -> None:
-        """A LOGICAL UNIT RESET / target reset: report it to every nexus (SAM-5 6.3).
-        `kind` is a ResetKind or one of "lun", "warm", "cold", "power_on"."""
+    def reset(self, kind: ResetKind | str = ResetKind.LOGICAL_UNIT,
+              by_nexus: ITNexus | None = None) -> None:
+        """A LOGICAL UNIT RESET / target reset: report it to every nexus but `by_nexus`, the
+        one that asked for it and already knows (as tgt and LIO do; libiscsi's reset tests
+        expect it). `kind` is a ResetKind or one of "lun", "warm", "cold", "power_on"."""
         if isinstance(kind, str):
             kind = _RESET_NAMES[kind.lower()]
         self.mode_pages.reset()
@@ -154,8 +156,9 @@ class DiskDevice:
             self._prevent.clear()
             if kind in (ResetKind.POWER_ON, ResetKind.TARGET_COLD):
                 self._stopped = False
-            for pending in self._unit_attentions.values():
-                pending[:] = [kind.unit_attention]
+            for nexus, pending in self._unit_attentions.items():
+                if nexus != by_nexus:
+                    pending[:] = [kind.unit_attention]
 
     def tasks_cleared(self, by_nexus: ITNexus) -> None:
         """CLEAR TASK SET from `by_nexus` aborted other nexuses' commands (SAM-5 7.4)."""
