@@ -170,7 +170,9 @@ def check_reserved_bits(spec: CommandSpec, cdb: bytes) -> None:
     """Reject a CDB that sets a bit its usage mask does not allow (INVALID FIELD IN CDB)."""
     if len(cdb) < spec.cdb_length:
         raise invalid_field_in_cdb(0)
-    usage = spec.usage
+    usage = bytearray(spec.usage)
+    if spec.service_action is not None:
+        usage[1] |= SERVICE_ACTION_MASK  # holds the action's value, matched by lookup
     for index in range(1, spec.cdb_length):
         stray = cdb[index] & ~usage[index] & 0xFF
         if stray:
@@ -191,6 +193,8 @@ def usage_mask(opcode: int, *fields: tuple[int, int]) -> bytes:
         data[index] |= mask
     return bytes(data)
 
+
+SERVICE_ACTION_MASK = 0x1F
 
 # Control byte: vendor-specific bits 7-6 are ignored; NACA (bit 2) and LINK (bit 0) are
 # rejected because NormACA and linked commands are not supported.
