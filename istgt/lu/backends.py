@@ -79,6 +79,8 @@ class FileBackend:
         except FileNotFoundError:
             if read_only:
                 raise BackendError(path, "no such file (a ReadOnly LU never creates it)") from None
+            if size is None:
+                raise BackendError(path, "no such file (Auto size needs an existing one)") from None
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
             except OSError as exc:
