@@ -26,6 +26,8 @@ log = logging.getLogger("istgt.iscsi")
 LOGIN_MAX_SEGMENT = 65536
 HARD_MAX_SEGMENT = 16 * 1024 * 1024     # beyond this a length cannot be resynchronised
 MAX_WRITE_BUFFER = 64 * 1024 * 1024     # EDTL cap for a write (Block Limits advertises less)
+WRITE_BUDGET = 256 * 1024 * 1024        # write buffers one connection may hold at once
+BUSY = 0x08
 IOV_MAX = 1000
 RECV_BUFFER = 256 * 1024
 GOOD, CHECK_CONDITION = 0x00, 0x02
@@ -103,6 +105,7 @@ class Connection:
         # shared state
         self.lock = threading.Lock()
         self.active: dict[int, Command] = {}  # ITT -> executing command; guarded by lock
+        self.buffered = 0                     # bytes of write buffers held; guarded by lock
         self.idle = threading.Condition(self.lock)
         self._out_lock = threading.Lock()
         self._outq: deque = deque()           # guarded by _out_lock
@@ -380,6 +383,19 @@ class Connection:
             return
         if edtl > MAX_WRITE_BUFFER:
             return self._fail_early(cmd, pdu, 0x05, 0x2400)
+        with self.lock:
+            over_budget = self.buffered + edtl > WRITE_BUDGET
+            if not over_budget:
+                self.buffered += edtl
+        if over_budget:
+            # memory for Data-Out is bounded (istgt bug B20): ask the initiator to retry
+            cmd.task.status = BUSY
+            if not pdu.final:
+                self.discarding.add(itt)
+            with self.lock:
+                self.active[itt] = cmd
+            self._task_done(cmd, cmd.task, False)
+            return
         cmd.buffer = bytearray(edtl)
         if immediate:
             cmd.buffer[:len(immediate)] = immediate
@@ -504,6 +520,8 @@ class Connection:
     def _task_done(self, cmd: Command, task, aborted: bool) -> None:
         with self.lock:
             self.active.pop(cmd.itt, None)
+            if cmd.buffer is not None:
+                self.buffered -= len(cmd.buffer)
             if not self.active:
                 self.idle.notify_all()
         if aborted:
@@ -664,6 +682,7 @@ class Connection:
                 del self.writes[cmd.itt]
                 self._drop_r2ts(cmd)
                 self.discarding.add(cmd.itt)
+                self.buffered -= len(cmd.buffer)
         for cmd in hit:
             if cmd.holds_slot:
                 self.session.release_slot()
