@@ -14,10 +14,11 @@ import threading
 import time
 from collections import deque
 
-from istgt.iscsi import params, pdu as wire
+from istgt.iscsi import params, pdu as wire, tmf
 from istgt.iscsi.discovery import send_targets
 from istgt.iscsi.login import CLOSE, ENTER_FFP, LoginProcess
-from istgt.iscsi.pdu import Op, ProtocolError, RejectReason, TmfFunction, TmfResponse
+from istgt.iscsi.pdu import Op, ProtocolError, RejectReason
+from istgt.iscsi.transfer import Command, R2tState, extended_cdb, scsi_responses
 from istgt.scsi.command import ScsiTask
 from istgt.scsi.sense import encode_sense
 
@@ -30,46 +31,13 @@ WRITE_BUDGET = 256 * 1024 * 1024        # write buffers one connection may hold 
 BUSY = 0x08
 IOV_MAX = 1000
 RECV_BUFFER = 256 * 1024
-GOOD, CHECK_CONDITION = 0x00, 0x02
+CHECK_CONDITION = 0x02
 RESERVED = wire.RESERVED_TAG
 M32 = 0xFFFFFFFF
 
 
 class ConnectionClosed(Exception):
     pass
-
-
-class Command:
-    """Transport state of one SCSI command while it gathers data or executes."""
-
-    __slots__ = ("itt", "lun_field", "task", "buffer", "received", "next_offset",
-                 "outstanding_r2t", "r2t_sn", "read", "holds_slot", "unsolicited_end",
-                 "unsolicited_sn")
-
-    def __init__(self, itt, lun_field, task, read, holds_slot):
-        self.itt = itt
-        self.lun_field = lun_field
-        self.task = task
-        self.read = read
-        self.holds_slot = holds_slot
-        self.buffer = None
-        self.received = 0
-        self.next_offset = 0
-        self.outstanding_r2t = 0
-        self.r2t_sn = 0
-        self.unsolicited_end = 0
-        self.unsolicited_sn = 0
-
-
-class R2tState:
-    __slots__ = ("command", "offset", "length", "received", "data_sn")
-
-    def __init__(self, command, offset, length):
-        self.command = command
-        self.offset = offset
-        self.length = length
-        self.received = 0
-        self.data_sn = 0         # the DataSN the next Data-Out of this burst must carry
 
 
 class Connection:
@@ -277,7 +245,7 @@ class Connection:
                 self._send_and_wait(result.response)
                 self._enter_full_feature(login)
                 return True
-            self._send([result.response])
+            self.send([result.response])
         return False
 
     def _enter_full_feature(self, login) -> None:
@@ -305,7 +273,7 @@ class Connection:
     def _full_feature(self) -> None:
         handlers = {
             Op.SCSI_CMD: self._on_scsi, Op.NOP_OUT: self._on_nop_out,
-            Op.TASK_MGMT_REQ: self._on_tmf, Op.TEXT_REQ: self._on_text,
+            Op.TASK_MGMT_REQ: lambda pdu: tmf.handle(self, pdu), Op.TEXT_REQ: self._on_text,
             Op.LOGOUT_REQ: self._on_logout,
         }
         while not self.closing:
@@ -318,7 +286,7 @@ class Connection:
                 self._discard_data(length)
                 self.log.warning("data segment of %d bytes over MaxRecvDataSegmentLength %d",
                                  length, self.max_recv_segment)
-                self._send([wire.reject(RejectReason.PROTOCOL_ERROR, bhs)])
+                self.send([wire.reject(RejectReason.PROTOCOL_ERROR, bhs)])
                 continue
             if opcode == Op.DATA_OUT:
                 self._on_data_out(wire.Pdu(bhs, ahs), length)
@@ -326,7 +294,7 @@ class Connection:
             data, ok = self._read_data(length)
             if not ok:
                 self.log.warning("data digest error from %s", self.peer_ip)
-                self._send([wire.reject(RejectReason.DATA_DIGEST_ERROR, bhs)])
+                self.send([wire.reject(RejectReason.DATA_DIGEST_ERROR, bhs)])
                 continue
             pdu = wire.Pdu(bhs, ahs, data)
             handler = handlers.get(opcode)
@@ -342,13 +310,13 @@ class Connection:
             reason = RejectReason.COMMAND_NOT_SUPPORTED
         else:
             reason = RejectReason.PROTOCOL_ERROR     # SNACK at ERL 0, unknown opcodes
-        self._send([wire.reject(reason, pdu.bhs)])
+        self.send([wire.reject(reason, pdu.bhs)])
 
     # ------------------------------------------------------------------ SCSI command
     def _on_scsi(self, pdu) -> None:
         s = self.session
         if s.discovery:
-            self._send([wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)])
+            self.send([wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)])
             return
         itt = pdu.itt
         if not s.accept_cmdsn(pdu.cmdsn, pdu.immediate):
@@ -362,7 +330,7 @@ class Connection:
             return
         cdb = pdu.cdb
         if pdu.ahs:
-            cdb = _extended_cdb(cdb, pdu.ahs)
+            cdb = extended_cdb(cdb, pdu.ahs)
         lun_field = pdu.lun_field
         edtl = pdu.expected_length
         task = ScsiTask(wire.decode_lun(lun_field), cdb, s.nexus, pdu.task_attr, itt, None, edtl)
@@ -426,7 +394,7 @@ class Connection:
             self.session.release_slot()
         if pdu.write_bit and not pdu.final:
             self.discarding.add(pdu.itt)
-        self._send([wire.reject(reason, pdu.bhs)])
+        self.send([wire.reject(reason, pdu.bhs)])
 
     def _issue_r2ts(self, cmd: Command) -> None:
         v = self.values
@@ -446,7 +414,7 @@ class Connection:
             cmd.next_offset += length
             cmd.outstanding_r2t += 1
         if out:
-            self._send(out)
+            self.send(out)
 
     def _on_data_out(self, pdu, length: int) -> None:
         itt = pdu.itt
@@ -460,7 +428,7 @@ class Connection:
                     self.discarding.discard(itt)
                 return
             self.log.warning("Data-Out for unknown ITT 0x%08x", itt)
-            self._send([wire.reject(RejectReason.INVALID_PDU_FIELD, pdu.bhs)])
+            self.send([wire.reject(RejectReason.INVALID_PDU_FIELD, pdu.bhs)])
             return
         offset = pdu.buffer_offset
         if pdu.ttt != RESERVED:
@@ -470,7 +438,7 @@ class Connection:
             in_range = offset + length <= cmd.unsolicited_end
         if not in_range:
             self._discard_data(length)
-            self._send([wire.reject(RejectReason.INVALID_PDU_FIELD, pdu.bhs)])
+            self.send([wire.reject(RejectReason.INVALID_PDU_FIELD, pdu.bhs)])
             return
         expected_sn = r2t.data_sn if r2t is not None else cmd.unsolicited_sn
         if pdu.data_sn != expected_sn:
@@ -528,57 +496,8 @@ class Connection:
             if cmd.holds_slot:
                 self.session.release_slot()
             return
-        self._send(self._scsi_responses(cmd, task))
-
-    def _scsi_responses(self, cmd: Command, task) -> list:
-        status = task.status
-        sense = task.sense or b""
-        edtl = task.transfer_length
-        data = task.data_in
-        out = []
-        rflags = residual = 0
-        data_sn = 0
-        if cmd.read:
-            n = len(data) if data is not None else 0
-            if n > edtl:
-                rflags, residual, n = 0x04, n - edtl, edtl
-            elif n < edtl:
-                rflags, residual = 0x02, edtl - n
-            collapse = status == GOOD and not sense
-            if n:
-                view = memoryview(data)[:n]
-                seg = self.max_send_segment
-                burst = self.values.max_burst_length
-                offset = 0
-                while offset < n:
-                    room = burst - offset % burst
-                    length = min(seg, n - offset, room)
-                    end = offset + length
-                    last = end == n
-                    r = wire.data_in(cmd.itt, cmd.lun_field, view[offset:end], data_sn, offset,
-                                     final=last or length == room,
-                                     status=status if (last and collapse) else None,
-                                     residual_flags=rflags, residual=residual)
-                    r.ends_command = last and collapse and cmd.holds_slot
-                    out.append(r)
-                    data_sn += 1
-                    offset = end
-                if collapse:
-                    return out
-        elif edtl or task.data_out_length:
-            # write residuals: what the CDB asked for (SPDTL) against EDTL (RFC 7143 11.4.5)
-            wanted = task.data_out_length
-            if wanted is None:
-                wanted = cmd.received if cmd.buffer is not None else 0
-            if wanted > edtl:
-                rflags, residual = 0x04, wanted - edtl
-            elif wanted < edtl:
-                rflags, residual = 0x02, edtl - wanted
-            data_sn = cmd.r2t_sn
-        r = wire.scsi_response(cmd.itt, status, sense, rflags, residual, data_sn)
-        r.ends_command = cmd.holds_slot
-        out.append(r)
-        return out
+        self.send(scsi_responses(cmd, task, self.max_send_segment,
+                                  self.values.max_burst_length))
 
     # ------------------------------------------------------------------ NOP
     def _on_nop_out(self, pdu) -> None:
@@ -589,12 +508,12 @@ class Connection:
                 self.ping_ttt = None
             return
         if pdu.ttt != RESERVED:
-            self._send([wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)])
+            self.send([wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)])
             return
         if not self.session.accept_cmdsn(pdu.cmdsn, pdu.immediate):
             return
         data = bytes(pdu.data[:self.max_send_segment])
-        self._send([wire.nop_in(itt, RESERVED, pdu.lun_field, data,
+        self.send([wire.nop_in(itt, RESERVED, pdu.lun_field, data,
                                 ends_command=not pdu.immediate)])
 
     def ping(self) -> None:
@@ -602,7 +521,7 @@ class Connection:
         self._next_ttt = (ttt + 1) & M32 or 1
         self.ping_ttt = ttt
         self.ping_sent_at = time.monotonic()
-        self._send([wire.nop_in(RESERVED, ttt, 0, takes_statsn=False)])
+        self.send([wire.nop_in(RESERVED, ttt, 0, takes_statsn=False)])
 
     def tick(self, now: float, nop_interval: int, timeout: int) -> None:
         """Called every KEEPALIVE_TICK by the server's keep-alive thread."""
@@ -621,59 +540,6 @@ class Connection:
             self.ping()
 
     # ------------------------------------------------------------------ task management
-    def _on_tmf(self, pdu) -> None:
-        s = self.session
-        if s.discovery:
-            self._send([wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)])
-            return
-        if not s.accept_cmdsn(pdu.cmdsn, pdu.immediate):
-            return
-        fn = pdu.function
-        lun = wire.decode_lun(pdu.lun_field)
-        target = s.target
-        nexus = s.nexus
-        after = None
-        if fn == TmfFunction.ABORT_TASK:
-            rtt = pdu.ref_task_tag
-            if self.abort_writes(lambda c: c.itt == rtt) or target.abort_task(nexus, rtt):
-                response = TmfResponse.COMPLETE
-            elif s.consume_unseen(pdu.ref_cmdsn, pdu.cmdsn):
-                response = TmfResponse.COMPLETE
-            else:
-                response = TmfResponse.TASK_DOES_NOT_EXIST
-        elif fn in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET,
-                    TmfFunction.LOGICAL_UNIT_RESET):
-            if lun not in target.devices:
-                response = TmfResponse.LUN_DOES_NOT_EXIST
-            else:
-                if fn == TmfFunction.ABORT_TASK_SET:
-                    self.abort_writes(lambda c: c.task.lun == lun)
-                    target.abort_task_set(nexus, lun)
-                elif fn == TmfFunction.CLEAR_TASK_SET:
-                    self.server.abort_writes_everywhere(target, lambda c: c.task.lun == lun)
-                    target.clear_task_set(lun, nexus)
-                else:
-                    self.server.abort_writes_everywhere(target, lambda c: c.task.lun == lun)
-                    target.lun_reset(lun, nexus)
-                response = TmfResponse.COMPLETE
-        elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
-            self.server.abort_writes_everywhere(target, lambda c: True)
-            cold = fn == TmfFunction.TARGET_COLD_RESET
-            target.target_reset("cold" if cold else "warm", nexus)
-            response = TmfResponse.COMPLETE
-            if cold:
-                after = lambda: self.server.close_target_sessions(target, "target cold reset")
-        elif fn == TmfFunction.CLEAR_ACA:
-            response = TmfResponse.NOT_SUPPORTED           # NACA=1 is refused in CDBs
-        elif fn == TmfFunction.TASK_REASSIGN:
-            response = TmfResponse.REASSIGNMENT_NOT_SUPPORTED   # ERL 0
-        else:
-            response = TmfResponse.REJECTED
-        log.info("TMF %d LUN %d from %s: response %d", fn, lun, s.initiator_port, response)
-        r = wire.tmf_response(pdu.itt, response, ends_command=not pdu.immediate)
-        r.after_send = after
-        self._send([r])
-
     def abort_writes(self, match) -> bool:
         """Abort commands still gathering Data-Out (not yet in the LU's queue); any thread."""
         with self.lock:
@@ -695,25 +561,25 @@ class Connection:
             return
         ends = not pdu.immediate
         if pdu.final and pdu.cont:
-            self._send([wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)])
+            self.send([wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)])
             return
         if pdu.ttt != RESERVED:
             rest = self.text_rest.pop(pdu.ttt, None)
             if rest is None:
-                self._send([wire.reject(RejectReason.INVALID_PDU_FIELD, pdu.bhs)])
+                self.send([wire.reject(RejectReason.INVALID_PDU_FIELD, pdu.bhs)])
                 return
             self._send_text(pdu, rest, ends)
             return
         self.text_in += pdu.data
         if pdu.cont:
-            self._send([wire.text_response(pdu.itt, self._new_ttt(), b"", False, False,
+            self.send([wire.text_response(pdu.itt, self._new_ttt(), b"", False, False,
                                            ends_command=ends)])
             return
         try:
             pairs = params.parse_text(bytes(self.text_in))
         except params.TextError:
             self.text_in.clear()
-            self._send([wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)])
+            self.send([wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)])
             return
         self.text_in.clear()
         answers = []
@@ -747,12 +613,12 @@ class Connection:
     def _send_text(self, pdu, data: bytes, ends: bool) -> None:
         limit = self.max_send_segment
         if len(data) <= limit:
-            self._send([wire.text_response(pdu.itt, RESERVED, data, True, False,
+            self.send([wire.text_response(pdu.itt, RESERVED, data, True, False,
                                            ends_command=ends)])
             return
         ttt = self._new_ttt()
         self.text_rest[ttt] = data[limit:]
-        self._send([wire.text_response(pdu.itt, ttt, data[:limit], False, True,
+        self.send([wire.text_response(pdu.itt, ttt, data[:limit], False, True,
                                        ends_command=ends)])
 
     # ------------------------------------------------------------------ logout
@@ -777,7 +643,7 @@ class Connection:
         elif reason == 2:
             response = 2        # connection recovery is not supported (ERL 0)
         else:
-            self._send([wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)])
+            self.send([wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)])
             return
         log.info("Logout%s from %s (%s) on %s, TSIH=%d, CID=%d, reason %d",
                  "(discovery)" if s.discovery else "", s.initiator_name, self.peer_ip,
@@ -787,7 +653,7 @@ class Connection:
         r = wire.logout_response(pdu.itt, response, v.default_time2wait,
                                  v.default_time2retain, ends_command=not pdu.immediate)
         r.after_send = after
-        self._send([r])
+        self.send([r])
 
     def _wait_idle(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -799,7 +665,7 @@ class Connection:
                 self.idle.wait(left)
 
     # ================================================================== sending
-    def _send(self, responses: list) -> None:
+    def send(self, responses: list) -> None:
         with self._out_lock:
             self._outq.extend(responses)
             if self._sender_parked:
@@ -815,7 +681,7 @@ class Connection:
                 prev()
             done.set()
         response.after_send = mark
-        self._send([response])
+        self.send([response])
         done.wait(30)
 
     def _send_main(self) -> None:
@@ -946,15 +812,3 @@ class Connection:
 
 def _plain_ip(ip: str) -> str:
     return ip.split("%", 1)[0]
-
-
-def _extended_cdb(cdb: bytes, ahs: bytes) -> bytes:
-    """Append an Extended CDB AHS (type 1) to the 16 bytes in the BHS."""
-    pos = 0
-    while pos + 4 <= len(ahs):
-        length = int.from_bytes(ahs[pos:pos + 2], "big")
-        kind = ahs[pos + 2]
-        if kind == 1:
-            return cdb + bytes(ahs[pos + 4:pos + 3 + length])
-        pos += 4 + ((length + 3) & ~3)
-    return cdb

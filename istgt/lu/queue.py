@@ -33,6 +33,11 @@ class QueuedTask:
             self._finished = threading.Event()
         return self._finished
 
+    def watch(self) -> None:
+        """Make sure finish() will signal `finished` (called under the queue's lock)."""
+        if self._finished is None:
+            self._finished = threading.Event()
+
 
 class TaskQueue:
     def __init__(self, limit: int):
@@ -114,7 +119,7 @@ class TaskQueue:
             running = [e for e in self._running if match(e)]
             for e in running:
                 e.aborted = True
-                e.finished                 # create the Event under the lock: finish() sets it
+                e.watch()
         return hit, running
 
     def close(self) -> None:
