@@ -40,6 +40,17 @@ class ConnectionClosed(Exception):
     pass
 
 
+class _ConnectionLog(logging.LoggerAdapter):
+    """Prefixes every message with who is on the connection: peer, initiator, TSIH, CID."""
+
+    def process(self, msg, kwargs):
+        return f"[{self.extra['who']}] {msg}", kwargs
+
+
+def _hexdump(data: bytes) -> str:
+    return " ".join(data[i:i + 16].hex(" ") for i in range(0, len(data), 16))
+
+
 class Connection:
     def __init__(self, server, sock: socket.socket, peer, local, portal_group_tag: int):
         self.server = server
@@ -49,7 +60,7 @@ class Connection:
         self.local_ip = _plain_ip(local[0])
         self.local_port = local[1]
         self.portal_group_tag = portal_group_tag
-        self.log = logging.LoggerAdapter(log, {})
+        self.log = _ConnectionLog(log, {"who": f"{self.peer_ip}:{self.peer_port}"})
         self.cid = 0
         self.login_cmdsn = 0
         self.session = None
@@ -157,6 +168,8 @@ class Connection:
     def _read_header(self) -> tuple[bytes, bytes]:
         bhs = self._take(wire.BHS_LEN)
         self.last_rx = time.monotonic()
+        if log.isEnabledFor(logging.DEBUG):    # PDU dumps only with -t iscsi
+            self.log.debug("PDU in: %s", _hexdump(bhs))
         ahs_len = bhs[4] * 4
         ahs = self._take(ahs_len) if ahs_len else b""
         if self.header_digest:
@@ -256,7 +269,8 @@ class Connection:
         self.max_recv_segment = v.max_recv_data_segment_length_target
         self.in_ffp = True
         s = self.session
-        self.log = logging.LoggerAdapter(log, {})
+        self.log = _ConnectionLog(log, {"who": f"{self.peer_ip} {s.initiator_name} "
+                                               f"TSIH={s.tsih} CID={self.cid}"})
         if s.discovery:
             log.info("Login(discovery) from %s (%s) on (%s:%d,%d), ISID=%s, TSIH=%d, CID=%d",
                      s.initiator_name, self.peer_ip, self.local_ip, self.local_port,
@@ -726,6 +740,8 @@ class Connection:
             elif r.bhs[0] == Op.DATA_IN:
                 sn = 0      # StatSN is reserved in a Data-In without status
             wire.stamp(r, sn, exp, mx)
+            if log.isEnabledFor(logging.DEBUG):    # PDU dumps only with -t iscsi
+                self.log.debug("PDU out: %s", _hexdump(r.bhs))
             bufs.append(r.bhs)
             if self.header_digest:
                 bufs.append(wire.digest_bytes(wire.crc32c(bytes(r.bhs))))
