@@ -442,6 +442,8 @@ class ReservationState:
         cdb = task.cdb
         if not cdb:
             return False
+        if self._spc2_holder is None and self._reservation is None:
+            return False          # the common case, decided without the lock (a hot path)
         opcode = cdb[0]
         rule = RESERVATION_RULES.get(opcode, DEFAULT_RULE)
         nexus = _normalised(task.nexus)
