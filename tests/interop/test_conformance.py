@@ -1,0 +1,131 @@
+"""libiscsi's conformance suite (iscsi-test-cu) against a fresh target, as a regression gate.
+
+Every test runs in its own process (conformance_runner.py).  The results are compared with
+conformance-expected.tsv beside this file:
+  * a test expected to PASS that does not PASS fails this test (a regression);
+  * any CRASH or TIMEOUT fails it (whatever the file says);
+  * a test that newly passes, or that the file does not know, is printed as a note: update the
+    file with `UPDATE_CONFORMANCE=1 pytest tests/interop/test_conformance.py`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.interop import conformance_runner as runner
+from tests.interop.conftest import MIB, LuSpec, require_tool, start_target, stop_target
+
+EXPECTED_FILE = Path(__file__).with_name("conformance-expected.tsv")
+UPDATE_ENV = "UPDATE_CONFORMANCE"
+# The ReadOnly family needs a write-protected LU; every other test runs on a writable one.
+READ_ONLY_FAMILY = "ALL.ReadOnly."
+# About 230 tests of 0.1-2 s each; the limit only guards against a wedged target.
+pytestmark = pytest.mark.timeout(1200)
+
+CONFORMANCE_UNITS = (
+    LuSpec("conformance", 128 * MIB, extra=("AuthMethod None",)),
+    LuSpec("readonly", 64 * MIB, extra=("AuthMethod None", "ReadOnly Yes")),
+)
+
+
+def run_conformance(tmp_path: Path) -> list[runner.Outcome]:
+    require_tool("iscsi-test-cu")
+    require_tool("timeout")
+    tests = runner.list_tests()
+    assert len(tests) > 100, f"iscsi-test-cu --list gave only {len(tests)} tests"
+    target = start_target(tmp_path / "target", CONFORMANCE_UNITS)
+    try:
+        port = target.layout.port
+        units = {unit.name: unit for unit in CONFORMANCE_UNITS}
+        writable = runner.Lane(
+            url=f"iscsi://127.0.0.1:{port}/{units['conformance'].iqn}/0",
+            # The same LU through the IPv6 portal: the MultipathIO tests need a second path.
+            mpath_url=f"iscsi://[::1]:{port}/{units['conformance'].iqn}/0")
+        read_only = runner.Lane(url=f"iscsi://127.0.0.1:{port}/{units['readonly'].iqn}/0")
+        outcomes = runner.run_suite(
+            [test for test in tests if not test.startswith(READ_ONLY_FAMILY)], [writable])
+        outcomes += runner.run_suite(
+            [test for test in tests if test.startswith(READ_ONLY_FAMILY)], [read_only])
+    finally:
+        stop_target(target)
+    order = {test: index for index, test in enumerate(tests)}
+    return sorted(outcomes, key=lambda outcome: order[outcome.test])
+
+
+def compare(outcomes: list[runner.Outcome], expected: dict[str, runner.Result],
+            ) -> tuple[list[str], list[str]]:
+    """(failures, notes) of this run against the expected results."""
+    failures, notes = [], []
+    for outcome in outcomes:
+        was = expected.get(outcome.test)
+        now = outcome.result
+        line = f"{outcome.test}: expected {was.value if was else 'nothing'}, got {now.value}"
+        detail = f"{line} {outcome.reason}".rstrip()
+        if now in (runner.Result.CRASH, runner.Result.TIMEOUT):
+            failures.append(detail)
+        elif was is runner.Result.PASS and now is not runner.Result.PASS:
+            failures.append(detail)
+        elif was is None or (now is runner.Result.PASS and was is not runner.Result.PASS):
+            notes.append(detail)
+    ran = {outcome.test for outcome in outcomes}
+    notes += [f"{test}: in the expected file but no longer in the suite"
+              for test in expected if test not in ran]
+    return failures, notes
+
+
+def test_conformance_suite_has_no_regression(tmp_path):
+    outcomes = run_conformance(tmp_path)
+    summary = runner.summary_line(outcomes)
+    print(f"\niscsi-test-cu: {summary}")
+    if os.environ.get(UPDATE_ENV) == "1":
+        runner.write_expected(
+            EXPECTED_FILE, outcomes,
+            "iscsi-test-cu (libiscsi) results of the Python target, one test per process.\n"
+            "Regenerate: UPDATE_CONFORMANCE=1 pytest tests/interop/test_conformance.py\n"
+            f"Last run: {summary}")
+        print(f"rewrote {EXPECTED_FILE}")
+        expected = {outcome.test: outcome.result for outcome in outcomes}
+    else:
+        expected = runner.read_expected(EXPECTED_FILE)
+    failures, notes = compare(outcomes, expected)
+    for note in notes:
+        print(f"NOTE (update {EXPECTED_FILE.name} with {UPDATE_ENV}=1): {note}")
+    assert not failures, "conformance regressions:\n" + "\n".join(failures)
+
+
+# -- the comparison rules themselves ------------------------------------------------------
+
+def outcome(test: str, result: runner.Result) -> runner.Outcome:
+    return runner.Outcome(test, result, "", 0.1)
+
+
+def test_compare_flags_a_lost_pass_and_any_crash_or_timeout():
+    PASS, FAIL, SKIP = runner.Result.PASS, runner.Result.FAIL, runner.Result.SKIP
+    expected = {"A": PASS, "B": FAIL, "C": SKIP, "D": FAIL, "E": PASS, "gone": PASS}
+    outcomes = [outcome("A", FAIL), outcome("B", runner.Result.CRASH), outcome("C", PASS),
+                outcome("D", runner.Result.TIMEOUT), outcome("E", PASS), outcome("new", SKIP)]
+    failures, notes = compare(outcomes, expected)
+    assert [line.split(":")[0] for line in failures] == ["A", "B", "D"]
+    assert [line.split(":")[0] for line in notes] == ["C", "new", "gone"]
+
+
+def test_classify_reads_the_cunit_summary():
+    banner = "probe output FAILED\n http://cunit.sourceforge.net/\n"
+    passed = banner + "tests      1      1      1      0        0\n"
+    failed = banner + ("Suite X, Test Y had failures:\n    1. t.c:10  - CU_ASSERT(x)\n"
+                       "tests      1      1      0      1        0\n")
+    skipped = banner + "[SKIPPED] not implemented\ntests      1      1      1      0        0\n"
+    assert runner.classify(0, passed) == (runner.Result.PASS, "")
+    assert runner.classify(0, failed) == (runner.Result.FAIL, "t.c:10  - CU_ASSERT(x)")
+    assert runner.classify(0, skipped) == (runner.Result.SKIP, "not implemented")
+    assert runner.classify(124, passed)[0] is runner.Result.TIMEOUT
+    assert runner.classify(-11, passed)[0] is runner.Result.CRASH
+    assert runner.classify(0, banner)[0] is runner.Result.CRASH
+
+
+def test_expected_file_is_well_formed():
+    expected = runner.read_expected(EXPECTED_FILE)
+    assert len(expected) > 100
+    assert sum(result is runner.Result.PASS for result in expected.values()) > 100
