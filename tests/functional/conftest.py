@@ -10,6 +10,7 @@ variant the issue names (CHAP, mutual CHAP, digests, QueueDepth 0/32, ReadOnly, 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -92,8 +93,9 @@ def free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-def write_config(directory: Path, options: TargetOptions) -> Path:
-    """istgt.conf + auth.conf + sparse backing files; returns the istgt.conf path."""
+def write_config(directory: Path, options: TargetOptions, control: str) -> Path:
+    """istgt.conf + auth.conf + sparse backing files; returns the istgt.conf path.
+    `control` is a short directory for the control socket (AF_UNIX paths are limited)."""
     auth = directory / "auth.conf"
     auth.write_text(
         "[AuthGroup1]\n"
@@ -126,7 +128,6 @@ def write_config(directory: Path, options: TargetOptions) -> Path:
                 f"  AuthMethod {auth_method}\n  AuthGroup AuthGroup1\n  UnitType Disk\n"
                 f"  LUN0 Storage {disks[2]} 64MB\n")
 
-    control = tempfile.mkdtemp(prefix="istgt-ctl-")  # AF_UNIX paths must stay short
     control_portal = f"  Portal UC1 127.0.0.1:{free_port('127.0.0.1')}\n" if C_TARGET else ""
     text = (
         "[Global]\n"
@@ -204,21 +205,29 @@ class CIstgt:
 class RunningTarget:
     def __init__(self, directory: Path, options: TargetOptions):
         self.options = options
-        self.config_path = write_config(directory, options)
-        if C_TARGET:
-            self.server = CIstgt(self.config_path)
-        else:
-            from istgt.config import load_config
-            from istgt.server import Server
-
-            self.config = load_config(self.config_path)
-            self.server = Server(self.config)
-            self.server.open_portals()
-            self.server.start()
+        self.control_directory = tempfile.mkdtemp(prefix="istgt-ctl-")
+        try:
+            self.config_path = write_config(directory, options, self.control_directory)
+            self.server = self._start_server()
+        except BaseException:
+            shutil.rmtree(self.control_directory, ignore_errors=True)
+            raise
         self.initiators: list[Initiator] = []
         self.addresses = list(self.server.portal_addresses)
         self.host, self.port = next((h, p) for h, p in self.addresses if ":" not in h)
         self.port6 = next((p for h, p in self.addresses if ":" in h), None)
+
+    def _start_server(self):
+        if C_TARGET:
+            return CIstgt(self.config_path)
+        from istgt.config import load_config
+        from istgt.server import Server
+
+        self.config = load_config(self.config_path)
+        server = Server(self.config)
+        server.open_portals()
+        server.start()
+        return server
 
     def connect(self, initiator_name: str = INITIATOR, isid: bytes | None = None,
                 host: str | None = None, port: int | None = None) -> Initiator:
@@ -253,6 +262,7 @@ class RunningTarget:
         stopper = threading.Thread(target=self.server.shutdown, daemon=True)
         stopper.start()
         stopper.join(15)
+        shutil.rmtree(self.control_directory, ignore_errors=True)
         assert not stopper.is_alive(), "Server.shutdown() did not return within 15 s"
         assert not violations, f"protocol violations seen by the initiator: {violations}"
 
