@@ -639,7 +639,7 @@ def _iscsi_params(reader: _Reader, base: IscsiParams, max_connections: int) -> I
             16777215,
             below_means_default=0,
         ),
-        initial_r2t=reader.only_yes("InitialR2T"),
+        initial_r2t=reader.yes_no("InitialR2T", base.initial_r2t),
         immediate_data=reader.yes_no("ImmediateData", base.immediate_data),
         data_pdu_in_order=reader.only_yes("DataPDUInOrder"),
         data_sequence_in_order=reader.only_yes("DataSequenceInOrder"),

@@ -55,19 +55,23 @@ def test_report_luns_with_two_luns(make_target):
 @pytest.mark.parametrize("immediate_data", ["Yes", "No"])
 @pytest.mark.parametrize("initial_r2t", ["Yes", "No"])
 def test_write_with_immediate_and_unsolicited_data(make_target, immediate_data, initial_r2t):
-    # The config accepts only InitialR2T Yes (as C istgt); an initiator offering No gets the
-    # OR of both, Yes, and must then send no unsolicited Data-Out.
+    # InitialR2T is OR-negotiated: it is No only when both sides say No; then up to
+    # FirstBurstLength goes unsolicited (immediate data plus Data-Out without an R2T).
     target = make_target(iscsi={"ImmediateData": immediate_data, "FirstBurstLength": "65536",
-                                "MaxBurstLength": "262144", "MaxRecvDataSegmentLength": "16384"})
+                                "MaxBurstLength": "262144", "MaxRecvDataSegmentLength": "16384",
+                                "InitialR2T": "No"})
     initiator = target.session(keys={"InitialR2T": initial_r2t, "ImmediateData": immediate_data,
                                      "FirstBurstLength": "65536", "MaxBurstLength": "262144"})
-    assert initiator.params["InitialR2T"] == "Yes"
+    assert initiator.params["InitialR2T"] == initial_r2t
     assert initiator.params["ImmediateData"] == immediate_data
     assert initiator.target_mrdsl == 16384
     data = os.urandom(MIB)
     result = initiator.write10(0, data)
     assert result.status == GOOD
-    unsolicited = 16384 if immediate_data == "Yes" else 0  # one immediate PDU at most
+    if initial_r2t == "No":
+        unsolicited = 65536                                  # the whole first burst
+    else:
+        unsolicited = 16384 if immediate_data == "Yes" else 0  # one immediate PDU at most
     offsets = sorted((r.buffer_offset, r.desired_length) for r in result.r2ts)
     assert offsets[0][0] == unsolicited
     assert sum(length for _, length in offsets) == MIB - unsolicited

@@ -177,7 +177,7 @@ def test_key_without_value_counts_as_unset(load):
     [
         ("MaxR2T 257", "MaxR2T", "out of range 0..256"),
         ("Timeout abc", "Timeout", "expected an integer"),
-        ("InitialR2T No", "InitialR2T", "only Yes is supported"),
+        ("InitialR2T Maybe", "InitialR2T", "expected Yes or No"),
         ("ImmediateData maybe", "ImmediateData", "expected Yes or No"),
         ("ErrorRecoveryLevel 1", "ErrorRecoveryLevel", "out of range 0..0"),
         ("MaxBurstLength 100", "MaxBurstLength", "out of range 512..16777215"),
