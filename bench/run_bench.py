@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""Benchmark the Python target against the C istgt on loopback with QEMU's iSCSI initiator.
+
+Starts both targets from the same istgt.conf template (bench/c-istgt.conf: one 1 GiB sparse
+Disk LU, QueueDepth 32, loopback only), runs `qemu-img bench` workloads against them in turn
+(python, c-istgt, python-again: the last is the same Python target again, an A/A control that
+shows how far two identical runs drift on this machine), prints each target's median and its
+ratio to the C istgt, and stops both targets whatever happens.
+
+    bench/run_bench.py                  # full run (several minutes)
+    bench/run_bench.py --smoke          # seconds: --scale 0.02 --reps 1 (what CI runs)
+    bench/run_bench.py --workloads 4k-read-qd32 --reps 5
+
+Needs Debian's istgt (/usr/sbin/istgt), qemu-utils and qemu-block-extra.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+CONFIG_TEMPLATE = BENCH_DIR / "c-istgt.conf"
+NODE_BASE = "iqn.2007-09.jp.ne.peach.istgt"
+TARGET_NAME = "bench"
+C_ISTGT = "/usr/sbin/istgt"
+STARTUP_TIMEOUT_S = 20.0
+SHUTDOWN_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Workload:
+    block_size: str
+    depth: int
+    write: bool
+    requests: int
+
+    @property
+    def block_bytes(self) -> int:
+        return {"4k": 4096, "64k": 65536, "1M": 1 << 20}[self.block_size]
+
+
+# The same workloads as shared/tools/iscsi-bench, so that numbers compare across the two.
+WORKLOADS = {
+    "4k-read-qd1": Workload("4k", 1, False, 8000),
+    "4k-read-qd32": Workload("4k", 32, False, 40000),
+    "4k-write-qd32": Workload("4k", 32, True, 40000),
+    "64k-read-qd16": Workload("64k", 16, False, 8000),
+    "1m-read-qd8": Workload("1M", 8, False, 1500),
+    "1m-write-qd8": Workload("1M", 8, True, 1500),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def port_accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Target:
+    """One target process serving one LU on 127.0.0.1."""
+    name: str
+    command: list[str]
+    directory: Path
+    port: int
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"iscsi://127.0.0.1:{self.port}/{NODE_BASE}:{TARGET_NAME}/0"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "target.log"
+
+    def start(self, env: dict[str, str] | None = None) -> None:
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(self.command, cwd=REPO_ROOT, env=env,
+                                            stdin=subprocess.DEVNULL, stdout=log,
+                                            stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode} at "
+                                   f"start-up:\n{self.log_path.read_text(errors='replace')}")
+            if port_accepts(self.port):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not listen on 127.0.0.1:{self.port} within "
+                           f"{STARTUP_TIMEOUT_S} s")
+
+    def stop(self) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=SHUTDOWN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=SHUTDOWN_TIMEOUT_S)
+            return None
+
+
+def prepare(name: str, root: Path, size_bytes: int, command_prefix: list[str]) -> Target:
+    """A directory with a sparse backing file and an istgt.conf from the shared template."""
+    directory = root / name
+    directory.mkdir()
+    disk = directory / "disk.img"
+    with open(disk, "wb") as backing:
+        backing.truncate(size_bytes)
+    (directory / "auth.conf").write_text("")
+    port = free_port()
+    config = string.Template(CONFIG_TEMPLATE.read_text()).substitute(
+        pid_file=directory / "istgt.pid", auth_file=directory / "auth.conf",
+        media_dir=directory, control_port=free_port(), port=port, disk=disk,
+        size=f"{size_bytes >> 20}MB")
+    (directory / "istgt.conf").write_text(config)
+    return Target(name, [*command_prefix, "-D", "-c", str(directory / "istgt.conf")],
+                  directory, port)
+
+
+def run_workload(url: str, workload: Workload, requests: int, timeout_s: float,
+                 ) -> tuple[float | None, str]:
+    """Seconds that `qemu-img bench` reports for the run, or None and why it failed."""
+    command = ["qemu-img", "bench", "-f", "raw", "-c", str(requests), "-d", str(workload.depth),
+               "-s", workload.block_size, "-S", workload.block_size]
+    if workload.write:
+        command += ["-w", "--pattern=0x5a"]
+    command.append(url)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                                stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return None, f"no result within {timeout_s:.0f} s"
+    found = re.search(r"Run completed in ([\d.]+) seconds", result.stdout)
+    if result.returncode != 0 or found is None:
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        return None, lines[-1] if lines else f"exit status {result.returncode}"
+    return float(found.group(1)), ""
+
+
+def bench(lanes: list[tuple[str, str]], workload_names: list[str], reps: int, scale: float,
+          timeout_s: float) -> dict[str, dict[str, float]]:
+    """Median ops/s per workload per lane; lanes alternate within each repetition."""
+    medians: dict[str, dict[str, float]] = {}
+    for workload_name in workload_names:
+        workload = WORKLOADS[workload_name]
+        requests = max(1, int(workload.requests * scale))
+        times: dict[str, list[float]] = {name: [] for name, _ in lanes}
+        errors: dict[str, str] = {}
+        for _rep in range(reps):
+            for name, url in lanes:
+                seconds, error = run_workload(url, workload, requests, timeout_s)
+                if seconds is None:
+                    errors[name] = error
+                else:
+                    times[name].append(seconds)
+        medians[workload_name] = {}
+        for name, _ in lanes:
+            if not times[name]:
+                print(f"{workload_name:14} {name:13} FAILED: {errors.get(name)}", flush=True)
+                continue
+            ops = requests / statistics.median(times[name])
+            medians[workload_name][name] = ops
+            spread = f"[{requests / max(times[name]):.0f}-{requests / min(times[name]):.0f}]"
+            mib = ops * workload.block_bytes / (1 << 20)
+            print(f"{workload_name:14} {name:13} {ops:9.0f} ops/s {spread:>17} "
+                  f"{mib:8.1f} MiB/s", flush=True)
+    return medians
+
+
+def print_ratios(medians: dict[str, dict[str, float]]) -> None:
+    print("\n# ratios (ops/s): python/c-istgt, and the A/A control python-again/python")
+    print(f"{'workload':14} {'py/C':>7} {'py2/C':>7} {'A/A':>7}")
+    for workload_name, ops in medians.items():
+        def ratio(top: str, bottom: str) -> str:
+            return f"{ops[top] / ops[bottom]:7.2f}" if top in ops and bottom in ops else "      -"
+        print(f"{workload_name:14} {ratio('python', 'c-istgt')} "
+              f"{ratio('python-again', 'c-istgt')} {ratio('python-again', 'python')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="a quick check that everything runs: --scale 0.02 --reps 1")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply request counts")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--size-mib", type=int, default=1024, help="LU size of each target")
+    parser.add_argument("--timeout", type=float, default=120.0, help="per qemu-img run")
+    parser.add_argument("--python", default=sys.executable, help="interpreter of the target")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.scale, args.reps = 0.02, 1
+    workload_names = args.workloads.split(",")
+    unknown = [name for name in workload_names if name not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}")
+    for tool in (C_ISTGT, "qemu-img"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is not installed (apt-get install istgt qemu-utils "
+                         "qemu-block-extra)")
+
+    root = Path(tempfile.mkdtemp(prefix="istgt-bench-"))
+    size = args.size_mib << 20
+    python_target = prepare("python", root, size, [args.python, "-m", "istgt.main"])
+    c_target = prepare("c-istgt", root, size, [C_ISTGT])
+    started: list[Target] = []
+    status = 1
+    try:
+        for target in (python_target, c_target):
+            target.start(env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+            started.append(target)
+        print(f"# python {python_target.url}\n# c-istgt {c_target.url}\n"
+              f"# reps {args.reps}, scale {args.scale}, LU {args.size_mib} MiB each", flush=True)
+        lanes = [("python", python_target.url), ("c-istgt", c_target.url),
+                 ("python-again", python_target.url)]
+        medians = bench(lanes, workload_names, args.reps, args.scale, args.timeout)
+        print_ratios(medians)
+        status = 0 if all(len(ops) == len(lanes) for ops in medians.values()) else 1
+    finally:
+        for target in reversed(started):
+            exit_status = target.stop()
+            if exit_status != 0:
+                print(f"# {target.name} stopped with status {exit_status}; log in "
+                      f"{target.log_path}", file=sys.stderr)
+        if status == 0:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            print(f"# kept {root} for the logs", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
