@@ -21,8 +21,9 @@ EXPECTED_FILE = Path(__file__).with_name("conformance-expected.tsv")
 UPDATE_ENV = "UPDATE_CONFORMANCE"
 # The ReadOnly family needs a write-protected LU; every other test runs on a writable one.
 READ_ONLY_FAMILY = "ALL.ReadOnly."
-# About 230 tests of 0.1-2 s each; the limit only guards against a wedged target.
-pytestmark = pytest.mark.timeout(1200)
+MULTIPATH_FAMILY = "ALL.MultipathIO."
+# About 230 tests of 0.1-2 s each (~1 min); the limit only guards against a wedged target.
+SUITE_TIMEOUT_S = 1200
 
 CONFORMANCE_UNITS = (
     LuSpec("conformance", 128 * MIB, extra=("AuthMethod None",)),
@@ -39,15 +40,23 @@ def run_conformance(tmp_path: Path) -> list[runner.Outcome]:
     try:
         port = target.layout.port
         units = {unit.name: unit for unit in CONFORMANCE_UNITS}
-        writable = runner.Lane(
-            url=f"iscsi://127.0.0.1:{port}/{units['conformance'].iqn}/0",
-            # The same LU through the IPv6 portal: the MultipathIO tests need a second path.
-            mpath_url=f"iscsi://[::1]:{port}/{units['conformance'].iqn}/0")
+        disk_url = f"iscsi://127.0.0.1:{port}/{units['conformance'].iqn}/0"
+        single_path = runner.Lane(url=disk_url)
+        # The same LU through the IPv6 portal as a second path, given only to the MultipathIO
+        # family: with it, iscsi-test-cu opens a second session in every test and checks it.
+        two_paths = runner.Lane(url=disk_url,
+                                mpath_url=f"iscsi://[::1]:{port}/{units['conformance'].iqn}/0")
         read_only = runner.Lane(url=f"iscsi://127.0.0.1:{port}/{units['readonly'].iqn}/0")
-        outcomes = runner.run_suite(
-            [test for test in tests if not test.startswith(READ_ONLY_FAMILY)], [writable])
-        outcomes += runner.run_suite(
-            [test for test in tests if test.startswith(READ_ONLY_FAMILY)], [read_only])
+        groups: dict[runner.Lane, list[str]] = {single_path: [], two_paths: [], read_only: []}
+        for test in tests:
+            if test.startswith(READ_ONLY_FAMILY):
+                groups[read_only].append(test)
+            elif test.startswith(MULTIPATH_FAMILY):
+                groups[two_paths].append(test)
+            else:
+                groups[single_path].append(test)
+        outcomes = [outcome for lane, chosen in groups.items()
+                    for outcome in runner.run_suite(chosen, [lane])]
     finally:
         stop_target(target)
     order = {test: index for index, test in enumerate(tests)}
@@ -75,6 +84,9 @@ def compare(outcomes: list[runner.Outcome], expected: dict[str, runner.Result],
     return failures, notes
 
 
+@pytest.mark.interop
+@pytest.mark.slow
+@pytest.mark.timeout(SUITE_TIMEOUT_S)
 def test_conformance_suite_has_no_regression(tmp_path):
     outcomes = run_conformance(tmp_path)
     summary = runner.summary_line(outcomes)

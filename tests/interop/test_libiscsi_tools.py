@@ -11,7 +11,7 @@ from tests.interop.conftest import (CHAP_SECRET, CHAP_USER, MIB, MUTUAL_SECRET, 
                                     NODE_BASE, TARGET_SECRET, TARGET_USER, InteropTarget,
                                     run_tool)
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
 
 CHAP_CREDENTIALS = f"{CHAP_USER}%{CHAP_SECRET}"
 MUTUAL_CREDENTIALS = f"{MUTUAL_USER}%{MUTUAL_SECRET}"

@@ -14,7 +14,7 @@ import pytest
 from tests.interop.conftest import (CHAP_SECRET, CHAP_USER, MIB, MUTUAL_SECRET, MUTUAL_USER,
                                     InteropTarget, run_tool)
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.interop, pytest.mark.slow, pytest.mark.timeout(300)]
 
 IMAGE_BYTES = 256 * MIB
 QEMU_TIMEOUT_S = 180.0
