@@ -1,13 +1,17 @@
 """Backing stores for Disk LUs: a regular file or block device, and memory (tests).
 
 One small interface (`Backend`): `size` in bytes, `read`, `readinto`, `read_stable`,
-`write`, `write_durable`, `write_zeroes`, `flush`, `close`. Offsets and lengths are bytes;
+`write`, `write_durable`, `write_zeroes`, `flush`, `close`, and for thin provisioning
+`supports_unmap`, `unmap` (the range then reads as zeros) and `allocation` (is a range
+mapped, and how far). Offsets and lengths are bytes;
 the SCSI layer checks ranges before calling. I/O errors propagate as OSError for the SCSI
 layer to turn into sense data.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import os
@@ -18,6 +22,24 @@ from typing import Protocol
 
 BLKGETSIZE64 = 0x80081272  # Linux <linux/fs.h>: _IOR(0x12, 114, size_t)
 _ZERO_CHUNK = 1 << 20
+# <linux/falloc.h>: deallocate a range, keep the file size (the range then reads as zeros).
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def _load_fallocate():
+    """libc fallocate(2), which os does not expose with flags; None where unavailable."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        function = libc.fallocate
+    except (OSError, AttributeError, TypeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return function
+
+
+_fallocate = _load_fallocate()
 
 
 class BackendError(Exception):
@@ -49,6 +71,12 @@ class Backend(Protocol):
 
     def close(self) -> None: ...
 
+    supports_unmap: bool
+
+    def unmap(self, offset: int, length: int) -> None: ...
+
+    def allocation(self, offset: int, length: int) -> tuple[bool, int]: ...
+
 
 class FileBackend:
     """A regular file or a block device accessed with pread/pwrite (position-independent,
@@ -59,6 +87,9 @@ class FileBackend:
         self.size = size
         self.read_only = read_only
         self._fd = fd
+        # Hole punching works on regular files of most Linux file systems; a file system
+        # that refuses it turns this off at the first UNMAP (zeros are written instead).
+        self.supports_unmap = _fallocate is not None and stat.S_ISREG(os.fstat(fd).st_mode)
         self._dirty_lock = threading.Lock()
         self._dirty = False  # guarded by _dirty_lock: written since the last flush
 
@@ -163,6 +194,36 @@ class FileBackend:
         if durable:
             self.flush()
 
+    def unmap(self, offset: int, length: int) -> None:
+        """Deallocate the range; it reads back as zeros (LBPRZ)."""
+        if length <= 0:
+            return
+        if self.supports_unmap and _fallocate is not None:
+            mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+            if _fallocate(self._fd, mode, offset, length) == 0:
+                self._mark_dirty()
+                return
+            error = ctypes.get_errno()
+            if error not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise OSError(error, os.strerror(error))
+            self.supports_unmap = False
+        self.write_zeroes(offset, length)
+
+    def allocation(self, offset: int, length: int) -> tuple[bool, int]:
+        """(mapped, bytes): whether `offset` is backed by storage, and how far that state
+        runs (at most `length`)."""
+        end = offset + length
+        try:
+            data = os.lseek(self._fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data at or after offset
+                return False, length
+            return True, length  # SEEK_DATA unsupported: everything counts as mapped
+        if data > offset:
+            return False, min(data, end) - offset
+        hole = os.lseek(self._fd, offset, os.SEEK_HOLE)
+        return True, min(hole, end) - offset
+
     def flush(self) -> None:
         with self._dirty_lock:
             if not self._dirty:
@@ -200,7 +261,7 @@ def _current_size(path: str, fd: int) -> int:
 class MemoryBackend:
     """A RAM disk for tests; counts flushes so tests can see durability requests."""
 
-    def __init__(self, size: int, read_only: bool = False) -> None:
+    def __init__(self, size: int, read_only: bool = False, supports_unmap: bool = True) -> None:
         self.size = size
         self.read_only = read_only
         self._data = bytearray(size)
@@ -208,6 +269,8 @@ class MemoryBackend:
         self.flush_count = 0
         self.durable_writes = 0
         self.closed = False
+        self.supports_unmap = supports_unmap
+        self.unmapped: list[tuple[int, int]] = []  # (offset, length) of each unmap call
 
     def read(self, offset: int, length: int) -> bytes | bytearray:
         with self._lock:
@@ -238,6 +301,13 @@ class MemoryBackend:
             self._data[offset : offset + length] = bytes(length)
         if durable:
             self.flush()
+
+    def unmap(self, offset: int, length: int) -> None:
+        self.write_zeroes(offset, length)
+        self.unmapped.append((offset, length))
+
+    def allocation(self, offset: int, length: int) -> tuple[bool, int]:
+        return True, length  # RAM is always mapped
 
     def flush(self) -> None:
         self.flush_count += 1

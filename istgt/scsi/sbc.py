@@ -47,6 +47,12 @@ MAX_WRITE_SAME_BYTES = 64 * 1024 * 1024
 MAX_COMPARE_AND_WRITE_BLOCKS = 255
 WRITE_SAME_CHUNK_BYTES = 1024 * 1024
 
+MAX_UNMAP_DESCRIPTORS = 256
+MAX_UNMAP_BLOCKS = 0xFFFFFFFF  # hole punching is cheap at any size
+# READ CAPACITY(16) reports one logical block per physical block, so GET LBA STATUS and UNMAP
+# work per logical block; the 4 KiB preference shows as the optimal granularities in VPD B0.
+OPTIMAL_GRANULARITY_BYTES = 4096
+
 DEFAULT_RPM = 7200
 DEFAULT_FORM_FACTOR = 2  # 3.5 inch
 
@@ -98,7 +104,10 @@ class DiskDevice:
                 read_cache=bool(_attr(lun, "read_cache", True)),
             )
         )
-        self.table = DISK_COMMANDS
+        # Thin provisioning (UNMAP, WRITE SAME UNMAP, deallocated LBAs) when the backend can
+        # deallocate; unmapped blocks read as zeros (LBPRZ).
+        self.thin = bool(getattr(backend, "supports_unmap", False))
+        self.table = THIN_DISK_COMMANDS if self.thin else DISK_COMMANDS
         self._state_lock = threading.Lock()
         # guarded by _state_lock: pending unit attentions per nexus (a known nexus has a list)
         self._unit_attentions: dict[ITNexus, list[int]] = {}
@@ -278,18 +287,25 @@ class DiskDevice:
             body[3] = self.form_factor
             return spc.vpd(0xB1, pdt, bytes(body))
         if page == 0xB2:
-            # No logical block provisioning (fully provisioned; no UNMAP).
-            return spc.vpd(0xB2, pdt, bytes(4))
+            body = bytearray(4)
+            if self.thin:
+                body[1] = 0x80 | 0x40 | 0x20 | 0x04  # LBPU, LBPWS, LBPWS10, LBPRZ
+                body[2] = 0x02  # thin provisioned
+            return spc.vpd(0xB2, pdt, bytes(body))
         return None
 
     def _block_limits(self) -> bytes:
         bl = self.block_length
         body = bytearray(0x3C)
         body[1] = min(MAX_COMPARE_AND_WRITE_BLOCKS, MAX_TRANSFER_BYTES // bl // 2)
-        struct.pack_into(">H", body, 2, max(1, 4096 // bl))  # optimal granularity
+        struct.pack_into(">H", body, 2, max(1, OPTIMAL_GRANULARITY_BYTES // bl))
         struct.pack_into(">I", body, 4, MAX_TRANSFER_BYTES // bl)
         struct.pack_into(">I", body, 8, OPTIMAL_TRANSFER_BYTES // bl)
         struct.pack_into(">I", body, 12, MAX_TRANSFER_BYTES // bl)  # max prefetch
+        if self.thin:
+            struct.pack_into(">II", body, 16, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS)
+            struct.pack_into(">I", body, 24, max(1, OPTIMAL_GRANULARITY_BYTES // bl))
+            struct.pack_into(">I", body, 28, 0x80000000)  # UGAVALID, alignment 0
         struct.pack_into(">Q", body, 32, self.max_write_same_blocks)
         return bytes(body)
 
@@ -339,6 +355,14 @@ class DiskDevice:
                 self.backend.write_durable(offset, data)
             else:
                 self.backend.write(offset, data)
+        except OSError as exc:
+            raise _write_failure(self.lun_number, lba, exc) from None
+
+    def unmap_blocks(self, lba: int, blocks: int) -> None:
+        try:
+            self.backend.unmap(lba * self.block_length, blocks * self.block_length)
+            if not self.mode_pages.write_cache_enabled:
+                self.backend.flush()
         except OSError as exc:
             raise _write_failure(self.lun_number, lba, exc) from None
 
@@ -529,7 +553,7 @@ def write_same(device: DiskDevice, task: ScsiTask) -> None:
         raise invalid_field_in_cdb(7 if cdb[0] == Opcode.WRITE_SAME_10 else 10)
     device.check_range(lba, blocks)
     device.check_writable()
-    if flags & 0x08:  # UNMAP: no logical block provisioning (LBPWS=0 in VPD B2)
+    if flags & 0x08 and not device.thin:  # UNMAP without provisioning (LBPWS=0)
         raise invalid_field_in_cdb(1, 3)
     bl = device.block_length
     no_data_out = cdb[0] == Opcode.WRITE_SAME_16 and flags & 0x01  # NDOB
@@ -542,6 +566,11 @@ def write_same(device: DiskDevice, task: ScsiTask) -> None:
         pattern = bytes(task.data_out[:bl])
     if blocks == 0:
         return
+    if flags & 0x08:
+        # SBC-3 5.45: with UNMAP set the device server unmaps (the blocks then read as
+        # zeros, LBPRZ) rather than writing the Data-Out block.
+        device.unmap_blocks(lba, blocks)
+        return
     per_chunk = max(1, WRITE_SAME_CHUNK_BYTES // bl)
     chunk = pattern * min(per_chunk, blocks)
     done = 0
@@ -549,6 +578,43 @@ def write_same(device: DiskDevice, task: ScsiTask) -> None:
         count = min(per_chunk, blocks - done)
         device.write_blocks(lba + done, memoryview(chunk)[: count * bl], force_unit_access=False)
         done += count
+
+
+UNMAP_HEADER = 8
+UNMAP_DESCRIPTOR = 16
+
+
+def unmap(device: DiskDevice, task: ScsiTask) -> None:
+    """UNMAP (SBC-3 5.28): deallocate every range of the parameter list."""
+    length = u16(task.cdb, 7)
+    task.data_out_length = length
+    device.check_writable()
+    if length == 0:
+        return
+    if length < UNMAP_HEADER:
+        raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.PARAMETER_LIST_LENGTH_ERROR)
+    data = spc.parameter_list(task, length)
+    descriptors_length = min(u16(data, 2), length - UNMAP_HEADER)
+    count = descriptors_length // UNMAP_DESCRIPTOR
+    if count > MAX_UNMAP_DESCRIPTORS:
+        raise CheckCondition(
+            SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_PARAMETER_LIST, field_pointer=2, cd=False
+        )
+    ranges = []
+    total = 0
+    for index in range(count):
+        offset = UNMAP_HEADER + index * UNMAP_DESCRIPTOR
+        lba, blocks = u64(data, offset), u32(data, offset + 8)
+        device.check_range(lba, blocks)
+        total += blocks
+        ranges.append((lba, blocks))
+    if total > MAX_UNMAP_BLOCKS:
+        raise CheckCondition(
+            SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_PARAMETER_LIST, field_pointer=16, cd=False
+        )
+    for lba, blocks in ranges:
+        if blocks:
+            device.unmap_blocks(lba, blocks)
 
 
 def synchronize_cache(device: DiskDevice, task: ScsiTask) -> None:
@@ -588,6 +654,8 @@ def read_capacity_16(device: DiskDevice, task: ScsiTask) -> None:
     allocation_length = u32(cdb, 10)
     data = bytearray(32)
     struct.pack_into(">QI", data, 0, device.block_count - 1, device.block_length)
+    if device.thin:
+        data[14] = 0x80 | 0x40  # LBPME, LBPRZ
     spc.respond(task, bytes(data), allocation_length)
 
 
@@ -597,9 +665,20 @@ def get_lba_status(device: DiskDevice, task: ScsiTask) -> None:
     allocation_length = u32(cdb, 10)
     if lba >= device.block_count:
         raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE)
-    # Fully provisioned: one descriptor, everything from LBA to the end is mapped.
-    blocks = min(device.block_count - lba, 0xFFFFFFFF)
-    descriptor = struct.pack(">QIB3x", lba, blocks, 0)
+    # One descriptor: the extent starting at LBA that shares its provisioning status.
+    bl = device.block_length
+    remaining = min(device.block_count - lba, 0xFFFFFFFF)
+    mapped, extent = True, remaining * bl
+    if device.thin:
+        try:
+            mapped, extent = device.backend.allocation(lba * bl, remaining * bl)
+        except OSError as exc:
+            raise CheckCondition(SenseKey.MEDIUM_ERROR, Asc.UNRECOVERED_READ_ERROR, info=lba) from exc
+    # A block is deallocated only when all of it is; a partly mapped block is mapped.
+    blocks = -(-extent // bl) if mapped else extent // bl
+    if blocks == 0:
+        mapped, blocks = True, 1
+    descriptor = struct.pack(">QIB3x", lba, min(blocks, remaining), 0 if mapped else 1)
     data = struct.pack(">I4x", 4 + len(descriptor)) + descriptor
     spc.respond(task, data, allocation_length)
 
@@ -856,5 +935,13 @@ DISK_COMMANDS = CommandTable(
             Opcode.READ_DEFECT_DATA_12, "READ DEFECT DATA(12)", read_defect_data, _IN,
             ((2, 0x1F), *_LEN12),
         ),
+    ]
+)
+
+# A LUN whose backend can deallocate blocks also takes UNMAP (ANCHOR is not supported).
+THIN_DISK_COMMANDS = CommandTable(
+    [
+        *DISK_COMMANDS.specs,
+        _spec(Opcode.UNMAP, "UNMAP", unmap, _OUT, (*_GROUP10, *_LEN10), **_MEDIUM),
     ]
 )

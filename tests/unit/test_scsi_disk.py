@@ -349,7 +349,15 @@ def test_read_capacity_10_and_16():
     assert bytes(task.data_in) == struct.pack(">II", 999, 4096)
     task = run(device, [0x9E, 0x10] + [0] * 8 + [0, 0, 0, 32, 0, 0])
     data = bytes(task.data_in)
-    assert len(data) == 32 and data[:12] == struct.pack(">QI", 999, 4096) and data[12:] == bytes(20)
+    assert len(data) == 32 and data[:12] == struct.pack(">QI", 999, 4096)
+    assert data[12:16] == bytes([0, 0, 0xC0, 0])  # no PI, 1 block per physical, LBPME+LBPRZ
+    assert data[16:] == bytes(16)
+
+
+def test_read_capacity_16_reports_full_provisioning():
+    device = make_device(backend=MemoryBackend(BLOCKS * 512, supports_unmap=False))
+    data = bytes(run(device, [0x9E, 0x10] + [0] * 8 + [0, 0, 0, 32, 0, 0]).data_in)
+    assert data[13] == 0 and data[14] == 0
 
 
 def test_read_capacity_10_saturates_past_2_tib():
@@ -505,3 +513,83 @@ def test_offline_unit_is_not_ready_but_answers_inquiry():
     assert run(device, [0x12, 0, 0, 0, 36, 0]).status == ScsiStatus.GOOD
     expect_check(run(device, cdb10(0x28, 0, 1)), SenseKey.NOT_READY,
                  Asc.LOGICAL_UNIT_NOT_READY_MANUAL_INTERVENTION_REQUIRED)
+
+
+# --- thin provisioning ------------------------------------------------------------------------
+
+
+def unmap_cdb(length):
+    return bytes([0x42, 0, 0, 0, 0, 0, 0, length >> 8, length & 0xFF, 0])
+
+
+def unmap_parameters(*ranges):
+    body = b"".join(struct.pack(">QI4x", lba, count) for lba, count in ranges)
+    return struct.pack(">HH4x", len(body) + 6, len(body)) + body
+
+
+def test_unmap_deallocates_ranges_and_reads_zeros():
+    backend = MemoryBackend(BLOCKS * 512)
+    device = make_device(backend=backend)
+    run(device, cdb10(0x2A, 0, 4), b"a" * 2048)
+    parameters = unmap_parameters((1, 2), (BLOCKS - 1, 1), (5, 0))
+    assert run(device, unmap_cdb(len(parameters)), parameters).status == ScsiStatus.GOOD
+    assert backend.unmapped == [(512, 1024), ((BLOCKS - 1) * 512, 512)]
+    assert bytes(run(device, cdb10(0x28, 0, 4)).data_in) == b"a" * 512 + bytes(1024) + b"a" * 512
+
+
+def test_unmap_errors():
+    device = make_device()
+    beyond = unmap_parameters((BLOCKS - 1, 2))
+    expect_check(run(device, unmap_cdb(len(beyond)), beyond), SenseKey.ILLEGAL_REQUEST,
+                 Asc.LBA_OUT_OF_RANGE)
+    expect_check(run(device, unmap_cdb(4), bytes(4)), SenseKey.ILLEGAL_REQUEST,
+                 Asc.PARAMETER_LIST_LENGTH_ERROR)
+    assert run(device, unmap_cdb(0)).status == ScsiStatus.GOOD
+    assert run(device, unmap_cdb(8), unmap_parameters()).status == ScsiStatus.GOOD
+    anchor = bytearray(unmap_cdb(8))
+    anchor[1] = 0x01
+    expect_check(run(device, anchor, unmap_parameters()), SenseKey.ILLEGAL_REQUEST,
+                 Asc.INVALID_FIELD_IN_CDB)
+    read_only = make_device(lu=make_lu(read_only=True))
+    expect_check(run(read_only, unmap_cdb(24), unmap_parameters((0, 1))), SenseKey.DATA_PROTECT,
+                 Asc.WRITE_PROTECTED)
+
+
+def test_unmap_is_unknown_without_provisioning():
+    device = make_device(backend=MemoryBackend(BLOCKS * 512, supports_unmap=False))
+    expect_check(run(device, unmap_cdb(24), unmap_parameters((0, 1))), SenseKey.ILLEGAL_REQUEST,
+                 Asc.INVALID_COMMAND_OPERATION_CODE)
+    expect_check(run(device, cdb10(0x41, 0, 1, flags=0x08), bytes(512)), SenseKey.ILLEGAL_REQUEST,
+                 Asc.INVALID_FIELD_IN_CDB)
+
+
+def test_write_same_unmap_with_zero_block_deallocates():
+    backend = MemoryBackend(BLOCKS * 512)
+    device = make_device(backend=backend)
+    run(device, cdb10(0x2A, 0, 2), b"a" * 1024)
+    assert run(device, cdb16(0x93, 0, 2, flags=0x08), bytes(512)).status == ScsiStatus.GOOD
+    assert backend.unmapped == [(0, 1024)]
+    assert run(device, cdb10(0x41, 1, 1, flags=0x08), b"b" * 512).status == ScsiStatus.GOOD
+    assert backend.unmapped[-1] == (512, 512)  # SBC-3: UNMAP set means unmap, whatever the data
+    assert bytes(run(device, cdb10(0x28, 0, 2)).data_in) == bytes(1024)
+
+
+def test_get_lba_status_on_a_sparse_file(tmp_path):
+    from istgt.lu.backends import FileBackend
+
+    backend = FileBackend.open(str(tmp_path / "thin.img"), BLOCKS * 512, read_only=False)
+    device = make_device(backend=backend)
+
+    def status(lba):
+        cdb = [0x9E, 0x12] + list(struct.pack(">Q", lba)) + [0, 0, 0, 24, 0, 0]
+        return struct.unpack(">QIB", bytes(run(device, cdb).data_in)[8:21])
+
+    assert status(0) == (0, BLOCKS, 1)  # nothing written yet: deallocated
+    run(device, cdb10(0x2A, 16, 16), b"x" * 16 * 512)
+    assert status(0) == (0, 16, 1)
+    assert status(16) == (16, 16, 0)
+    parameters = unmap_parameters((16, 8))
+    run(device, unmap_cdb(len(parameters)), parameters)
+    assert status(16) == (16, 8, 1) and status(24) == (24, 8, 0)
+    assert bytes(run(device, cdb10(0x28, 16, 8)).data_in) == bytes(8 * 512)
+    backend.close()

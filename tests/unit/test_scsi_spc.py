@@ -135,7 +135,16 @@ def test_block_limits_page():
     assert data[5] == 255  # MAXIMUM COMPARE AND WRITE LENGTH
     assert struct.unpack(">H", data[6:8])[0] == 8  # 4 KiB granularity in 512-byte blocks
     assert struct.unpack(">I", data[8:12])[0] == 32 * 1024 * 1024 // 512
-    assert struct.unpack(">II", data[20:28]) == (0, 0)  # no UNMAP
+    assert struct.unpack(">II", data[20:28]) == (0xFFFFFFFF, 256)  # UNMAP limits
+    assert struct.unpack(">II", data[28:36]) == (8, 0x80000000)  # granularity, UGAVALID
+
+
+def test_block_limits_without_provisioning_has_no_unmap():
+    from istgt.lu.backends import MemoryBackend
+
+    device = make_device(backend=MemoryBackend(BLOCKS * 512, supports_unmap=False))
+    data = bytes(inquiry(device, 0xB0).data_in)
+    assert data[20:36] == bytes(16)
 
 
 def test_block_device_characteristics_from_config():
@@ -143,9 +152,14 @@ def test_block_device_characteristics_from_config():
     assert data[3] == 0x3C and data[4:6] == b"\x00\x01" and data[7] & 0x0F == 3
 
 
-def test_logical_block_provisioning_page_says_unprovisioned():
+def test_logical_block_provisioning_page():
+    from istgt.lu.backends import MemoryBackend
+
     data = bytes(inquiry(make_device(), 0xB2).data_in)
-    assert data[1] == 0xB2 and data[3] == 4 and data[5] == 0
+    assert data[1] == 0xB2 and data[3] == 4 and data[5] == 0xE4 and data[6] == 0x02
+    full = make_device(backend=MemoryBackend(BLOCKS * 512, supports_unmap=False))
+    data = bytes(inquiry(full, 0xB2).data_in)
+    assert data[3] == 4 and data[5] == 0 and data[6] == 0
 
 
 # --- REPORT LUNS -----------------------------------------------------------------------------
