@@ -6,8 +6,10 @@ the check of reserved CDB bits, and REPORT SUPPORTED OPERATION CODES.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from functools import cached_property
+from typing import Any, NamedTuple
 
 from istgt.scsi.constants import Asc, DataDirection, ScsiStatus, SenseKey, TaskAttr
 from istgt.scsi.sense import CheckCondition, invalid_field_in_cdb
@@ -32,17 +34,17 @@ class ScsiTask:
     """
 
     __slots__ = (
-        "lun",
-        "cdb",
-        "nexus",
         "attr",
-        "tag",
-        "data_out",
-        "transfer_length",
-        "status",
-        "sense",
+        "cdb",
         "data_in",
+        "data_out",
         "data_out_length",
+        "lun",
+        "nexus",
+        "sense",
+        "status",
+        "tag",
+        "transfer_length",
     )
 
     def __init__(
@@ -121,6 +123,16 @@ class CommandSpec:
     def cdb_length(self) -> int:
         return len(self.usage)
 
+    @cached_property
+    def reserved_bits(self) -> int:
+        """The CDB bits (as one big-endian integer) a command must leave zero. Byte 0 is the
+        opcode; for a service-action command the action field was matched by lookup."""
+        usage = bytearray(self.usage)
+        usage[0] = 0xFF
+        if self.service_action is not None:
+            usage[1] |= SERVICE_ACTION_MASK
+        return ~int.from_bytes(usage, "big") & ((1 << (8 * len(usage))) - 1)
+
 
 class CommandTable:
     """Lookup from (opcode, service action) to CommandSpec."""
@@ -168,15 +180,15 @@ class CommandTable:
 
 def check_reserved_bits(spec: CommandSpec, cdb: bytes) -> None:
     """Reject a CDB that sets a bit its usage mask does not allow (INVALID FIELD IN CDB)."""
-    if len(cdb) < spec.cdb_length:
+    length = spec.cdb_length
+    if len(cdb) < length:
         raise invalid_field_in_cdb(0)
-    usage = bytearray(spec.usage)
-    if spec.service_action is not None:
-        usage[1] |= SERVICE_ACTION_MASK  # holds the action's value, matched by lookup
-    for index in range(1, spec.cdb_length):
-        stray = cdb[index] & ~usage[index] & 0xFF
-        if stray:
-            raise invalid_field_in_cdb(index, stray.bit_length() - 1)
+    stray = int.from_bytes(cdb[:length], "big") & spec.reserved_bits
+    if stray:
+        # The first offending byte from the left, and its highest offending bit.
+        byte = length - 1 - (stray.bit_length() - 1) // 8
+        bits = cdb[byte] & (spec.reserved_bits >> (8 * (length - 1 - byte))) & 0xFF
+        raise invalid_field_in_cdb(byte, bits.bit_length() - 1)
 
 
 def usage_mask(opcode: int, *fields: tuple[int, int]) -> bytes:

@@ -11,7 +11,8 @@ import errno
 import logging
 import struct
 import threading
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from istgt.scsi import pr, spc
 from istgt.scsi.command import (
@@ -134,7 +135,7 @@ class DiskDevice:
             self._dispatch(task)
         except CheckCondition as condition:
             self._fail(task, condition)
-        except Exception:  # noqa: BLE001 - a target must answer every command
+        except Exception:  # a target answers every command, even when a handler is wrong
             log.exception("LUN%d: internal error executing CDB %s", self.lun_number, task.cdb.hex())
             self._fail(
                 task, CheckCondition(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Protocol
 
 from istgt.scsi.command import CommandTable, ITNexus, ScsiTask, u16, u32
 from istgt.scsi.constants import Asc, Opcode, PeripheralDeviceType, ScsiStatus, SenseKey
@@ -325,8 +326,7 @@ def mode_sense(device: SpcDevice, task: ScsiTask) -> None:
         )
     else:
         length = 4 + len(descriptors) + len(pages)
-        if length > 0xFF:
-            length = 0xFF  # cannot happen with our pages; keeps the byte field valid
+        length = min(length, 0xFF)  # cannot happen with our pages; keeps the byte field valid
         header = struct.pack(">BBBB", length - 1, 0, specific, len(descriptors))
     respond(task, header + descriptors + pages, allocation_length)
 

@@ -19,26 +19,26 @@ BLOCKS = 2048
 
 
 def make_lu(**overrides):
-    values = dict(
-        number=1,
-        name=TARGET,
-        inquiry=SimpleNamespace(
+    values = {
+        "number": 1,
+        "name": TARGET,
+        "inquiry": SimpleNamespace(
             vendor="FreeBSD", product="iSCSI DISK", revision="0001", serial="10000001"
         ),
-        block_length=512,
-        read_only=False,
-        online=True,
-        queue_depth=32,
-        luns={0: None},
-    )
+        "block_length": 512,
+        "read_only": False,
+        "online": True,
+        "queue_depth": 32,
+        "luns": {0: None},
+    }
     values.update(overrides)
     return SimpleNamespace(**values)
 
 
 def make_lun(**overrides):
-    values = dict(
-        number=0, serial=None, rpm=7200, form_factor=2, read_cache=True, write_cache=True
-    )
+    values = {
+        "number": 0, "serial": None, "rpm": 7200, "form_factor": 2, "read_cache": True, "write_cache": True
+    }
     values.update(overrides)
     return SimpleNamespace(**values)
 
@@ -382,7 +382,7 @@ class MemoryBackendStub:
 
 def test_read_capacity_16_allocation_length_truncates():
     device = make_device()
-    for length in range(0, 16):
+    for length in range(16):
         task = run(device, [0x9E, 0x10] + [0] * 8 + [0, 0, 0, length, 0, 0])
         assert task.status == ScsiStatus.GOOD and len(task.data_in) == length
 

@@ -34,14 +34,14 @@ def parse_designators(body):
     while offset < len(body):
         code_set, kind, _, length = body[offset : offset + 4]
         found.append(
-            dict(
-                protocol=code_set >> 4,
-                code_set=code_set & 0x0F,
-                piv=bool(kind & 0x80),
-                association=(kind >> 4) & 0x03,
-                type=kind & 0x0F,
-                value=body[offset + 4 : offset + 4 + length],
-            )
+            {
+                "protocol": code_set >> 4,
+                "code_set": code_set & 0x0F,
+                "piv": bool(kind & 0x80),
+                "association": (kind >> 4) & 0x03,
+                "type": kind & 0x0F,
+                "value": body[offset + 4 : offset + 4 + length],
+            }
         )
         offset += 4 + length
     assert offset == len(body)
