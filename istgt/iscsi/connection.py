@@ -90,6 +90,9 @@ class Connection:
         self._outq: deque = deque()           # guarded by _out_lock
         self._send_stop = False               # guarded by _out_lock
         self._sender_parked = False           # guarded by _out_lock
+        self._writing = False                 # a thread holds the writer token; _out_lock
+        self._token_to_sender = False         # ... and it is the sender thread; _out_lock
+        self._leftover = None                 # encoded bytes the sender must write first
         self._sender_wake = threading.Lock()  # released to wake the parked sender
         self._sender_wake.acquire()
         self.closing = False
@@ -679,9 +682,47 @@ class Connection:
                 self.idle.wait(left)
 
     # ================================================================== sending
+    # Exactly one thread writes at a time: whoever holds the writer token (_writing). A thread
+    # that queues responses while nobody writes takes the token and tries the write itself
+    # without blocking (MSG_DONTWAIT), saving a hand-off to the sender; whatever the socket
+    # does not take at once, and any PDU with an after-send action, goes to the sender thread,
+    # which alone blocks on the socket, so a slow initiator never holds up an LU worker.
     def send(self, responses: list) -> None:
         with self._out_lock:
             self._outq.extend(responses)
+            if self._writing or self._send_stop:
+                return              # the token holder drains the queue before letting go
+            self._writing = True
+            batch = self._outq
+            self._outq = deque()
+        try:
+            while True:
+                if any(r.after_send is not None for r in batch):
+                    self._hand_to_sender(batch, None)
+                    return
+                rest = self._sendmsg(self._encode(batch), blocking=False)
+                if rest:
+                    self._hand_to_sender(None, rest)
+                    return
+                with self._out_lock:
+                    if not self._outq:
+                        self._writing = False
+                        return
+                    batch = self._outq
+                    self._outq = deque()
+        except OSError as e:
+            with self._out_lock:
+                self._writing = False
+            self._send_failed(e)
+
+    def _hand_to_sender(self, batch, leftover) -> None:
+        """Give the writer token to the sender thread with what is still to be written."""
+        with self._out_lock:
+            if batch is not None:
+                batch.extend(self._outq)
+                self._outq = batch
+            self._leftover = leftover
+            self._token_to_sender = True
             if self._sender_parked:
                 self._sender_parked = False
                 self._sender_wake.release()
@@ -702,76 +743,106 @@ class Connection:
         try:
             while True:
                 with self._out_lock:
-                    if self._outq:
-                        batch = self._outq
-                        self._outq = deque()
+                    owns_token = self._token_to_sender
+                    if owns_token:
+                        leftover, self._leftover = self._leftover, None
                     elif self._send_stop:
                         return
                     else:
-                        batch = None
                         self._sender_parked = True
-                if batch is None:
+                if not owns_token:
                     self._sender_wake.acquire()
                     continue
-                self._write_batch(batch)
+                if leftover:
+                    self._sendmsg(leftover, blocking=True)
+                while True:
+                    with self._out_lock:
+                        if not self._outq:
+                            self._writing = self._token_to_sender = False
+                            break
+                        batch = self._outq
+                        self._outq = deque()
+                    self._write_batch(batch)
         except OSError as e:
-            self.log.debug("send to %s failed: %s", self.peer_ip, e)
-            self.close_async("send failed")
+            self._send_failed(e)
         finally:
             with self._out_lock:
                 self._send_stop = True
+                self._writing = self._token_to_sender = False
                 self._outq.clear()
 
-    def _write_batch(self, batch) -> None:
+    def _send_failed(self, error: OSError) -> None:
+        self.log.debug("send to %s failed: %s", self.peer_ip, error)
+        self.close_async("send failed")
+
+    def _encode(self, batch) -> list:
+        """Stamp the sequence numbers and lay out headers, data, padding and digests."""
         bufs = []
-        callbacks = []
         session = self.session
         for r in batch:
-            if session is not None:
-                with session.lock:
-                    if r.ends_command:
-                        session.max_cmdsn = (session.max_cmdsn + 1) & M32
-                    exp, mx = session.exp_cmdsn, session.max_cmdsn
-            else:
-                exp = mx = self.login_cmdsn
-            sn = self.stat_sn
-            if r.takes_statsn:
-                self.stat_sn = (sn + 1) & M32
-            elif r.bhs[0] == Op.DATA_IN:
-                sn = 0      # StatSN is reserved in a Data-In without status
-            wire.stamp(r, sn, exp, mx)
-            if log.isEnabledFor(logging.DEBUG):    # PDU dumps only with -t iscsi
-                self.log.debug("PDU out: %s", _hexdump(r.bhs))
-            bufs.append(r.bhs)
-            if self.header_digest:
-                bufs.append(wire.digest_bytes(wire.crc32c(bytes(r.bhs))))
-            data = r.data
-            if data:
-                n = len(data)
-                bufs.append(data)
-                pad = wire.PADDING[n & 3]
+            self._stamp(r, session)
+            self._append_pdu(bufs, r)
+        return bufs
+
+    def _stamp(self, r, session) -> None:
+        if session is not None:
+            with session.lock:
+                if r.ends_command:
+                    session.max_cmdsn = (session.max_cmdsn + 1) & M32
+                exp, mx = session.exp_cmdsn, session.max_cmdsn
+        else:
+            exp = mx = self.login_cmdsn
+        sn = self.stat_sn
+        if r.takes_statsn:
+            self.stat_sn = (sn + 1) & M32
+        elif r.bhs[0] == Op.DATA_IN:
+            sn = 0      # StatSN is reserved in a Data-In without status
+        wire.stamp(r, sn, exp, mx)
+        if log.isEnabledFor(logging.DEBUG):    # PDU dumps only with -t iscsi
+            self.log.debug("PDU out: %s", _hexdump(r.bhs))
+
+    def _append_pdu(self, bufs: list, r) -> None:
+        bufs.append(r.bhs)
+        if self.header_digest:
+            bufs.append(wire.digest_bytes(wire.crc32c(bytes(r.bhs))))
+        data = r.data
+        if data:
+            n = len(data)
+            bufs.append(data)
+            pad = wire.PADDING[n & 3]
+            if pad:
+                bufs.append(pad)
+            if self.data_digest:
+                crc = wire.crc32c(data)
                 if pad:
-                    bufs.append(pad)
-                if self.data_digest:
-                    crc = wire.crc32c(data)
-                    if pad:
-                        crc = wire.crc32c_extend(crc, pad)
-                    bufs.append(wire.digest_bytes(crc))
+                    crc = wire.crc32c_extend(crc, pad)
+                bufs.append(wire.digest_bytes(crc))
+
+    def _write_batch(self, batch) -> None:
+        """The sender's blocking write; runs after-send actions once their PDU is out."""
+        bufs = []
+        session = self.session
+        for r in batch:
+            self._stamp(r, session)
+            self._append_pdu(bufs, r)
             if r.after_send is not None:
-                # flush now: the callback may change digests or close the socket
-                self._sendmsg(bufs)
+                # flush now: the action may change digests or close the socket
+                self._sendmsg(bufs, blocking=True)
                 bufs = []
                 r.after_send()
         if bufs:
-            self._sendmsg(bufs)
-        for cb in callbacks:
-            cb()
+            self._sendmsg(bufs, blocking=True)
 
-    def _sendmsg(self, bufs: list) -> None:
+    def _sendmsg(self, bufs: list, blocking: bool) -> list | None:
+        """Write `bufs`; without blocking, return what the socket did not take (or None)."""
         sock = self.sock
+        flags = 0 if blocking else socket.MSG_DONTWAIT
         while bufs:
             chunk = bufs[:IOV_MAX]
-            sent = sock.sendmsg(chunk)
+            try:
+                sent = sock.sendmsg(chunk, (), flags)
+            except BlockingIOError:
+                return bufs
             total = sum(len(b) for b in chunk)
             if sent == total:
                 bufs = bufs[IOV_MAX:]
@@ -786,6 +857,9 @@ class Connection:
                 rest.append(memoryview(b)[sent:] if sent else b)
                 sent = 0
             bufs = rest + bufs[IOV_MAX:]
+            if not blocking:
+                return bufs
+        return None
 
     # ================================================================== teardown
     def close_async(self, reason: str) -> None:
