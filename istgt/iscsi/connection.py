@@ -335,27 +335,27 @@ class Connection:
         if s.discovery:
             self.send([wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)])
             return
-        itt = pdu.itt
-        if not s.accept_cmdsn(pdu.cmdsn, pdu.immediate):
-            self.log.debug("CmdSN %d outside the window: ignored", pdu.cmdsn)
-            if pdu.write_bit:
+        byte0, flags, lun_field, itt, edtl, cmdsn, _, cdb = wire.scsi_command_fields(pdu.bhs)
+        immediate_cmd = bool(byte0 & 0x40)
+        writing = bool(flags & 0x20)
+        if not s.accept_cmdsn(cmdsn, immediate_cmd):
+            self.log.debug("CmdSN %d outside the window: ignored", cmdsn)
+            if writing:
                 self.discarding.add(itt)
             return
-        holds_slot = not pdu.immediate
+        holds_slot = not immediate_cmd
         if itt in self.writes or itt in self.active:
             self._reject_command(pdu, RejectReason.TASK_IN_PROGRESS, holds_slot)
             return
-        cdb = pdu.cdb
         if pdu.ahs:
             cdb = extended_cdb(cdb, pdu.ahs)
-        lun_field = pdu.lun_field
-        edtl = pdu.expected_length
-        task = ScsiTask(wire.decode_lun(lun_field), cdb, s.nexus, pdu.task_attr, itt, None, edtl)
-        cmd = Command(itt, lun_field, task, pdu.read_bit, holds_slot)
-        if pdu.write_bit and pdu.read_bit:
+        task = ScsiTask(wire.decode_lun(lun_field), cdb, s.nexus, flags & 0x07, itt, None, edtl)
+        reading = bool(flags & 0x40)
+        cmd = Command(itt, lun_field, task, reading, holds_slot)
+        if writing and reading:
             # bidirectional commands: no command of ours uses them
             return self._fail_early(cmd, pdu, 0x05, 0x2400)
-        if not pdu.write_bit:
+        if not writing:
             if pdu.data:
                 self._reject_command(pdu, RejectReason.PROTOCOL_ERROR, holds_slot)
                 return
@@ -779,12 +779,13 @@ class Connection:
         """Stamp the sequence numbers and lay out headers, data, padding and digests."""
         bufs = []
         session = self.session
+        trace = log.isEnabledFor(logging.DEBUG)
         for r in batch:
-            self._stamp(r, session)
+            self._stamp(r, session, trace)
             self._append_pdu(bufs, r)
         return bufs
 
-    def _stamp(self, r, session) -> None:
+    def _stamp(self, r, session, trace: bool) -> None:
         if session is not None:
             with session.lock:
                 if r.ends_command:
@@ -798,7 +799,7 @@ class Connection:
         elif r.bhs[0] == Op.DATA_IN:
             sn = 0      # StatSN is reserved in a Data-In without status
         wire.stamp(r, sn, exp, mx)
-        if log.isEnabledFor(logging.DEBUG):    # PDU dumps only with -t iscsi
+        if trace:                              # PDU dumps only with -t iscsi
             self.log.debug("PDU out: %s", _hexdump(r.bhs))
 
     def _append_pdu(self, bufs: list, r) -> None:
@@ -822,8 +823,9 @@ class Connection:
         """The sender's blocking write; runs after-send actions once their PDU is out."""
         bufs = []
         session = self.session
+        trace = log.isEnabledFor(logging.DEBUG)
         for r in batch:
-            self._stamp(r, session)
+            self._stamp(r, session, trace)
             self._append_pdu(bufs, r)
             if r.after_send is not None:
                 # flush now: the action may change digests or close the socket

@@ -266,6 +266,14 @@ class Pdu:
         return self.bhs[1] & 0x7F
 
 
+_SCSI_CMD = struct.Struct(">BB6xQIIII16s")
+
+
+def scsi_command_fields(bhs) -> tuple:
+    """(byte0, flags, lun field, ITT, EDTL, CmdSN, ExpStatSN, CDB) in one unpack (hot path)."""
+    return _SCSI_CMD.unpack_from(bhs, 0)
+
+
 def decode_lun(field: int) -> int:
     """SAM LUN field -> LUN number; unsupported address methods give 0xFFFF (no such LUN)."""
     method = field >> 62
@@ -340,21 +348,22 @@ def scsi_response(itt: int, status: int, sense: bytes = b"", residual_flags: int
     return r
 
 
+_DATA_IN = struct.Struct(">BBxBI QII 12x III")
+
+
 def data_in(itt: int, lun_field: int, data, data_sn: int, offset: int, final: bool,
             status: int | None = None, residual_flags: int = 0, residual: int = 0) -> Response:
     flags = 0x80 if final else 0
     if status is not None:
         flags |= 0x01 | residual_flags
+    else:
+        residual = 0
     r = Response(Op.DATA_IN, flags, data, takes_statsn=status is not None,
                  ends_command=status is not None)
-    if status is not None:
-        r.bhs[3] = status
-        r.set_u32(44, residual)
-    r.set_lun(lun_field)
-    r.set_u32(OFF_ITT, itt)
-    r.set_u32(OFF_TTT, RESERVED_TAG)
-    r.set_u32(36, data_sn)
-    r.set_u32(40, offset)
+    # one pack for the whole header (a hot path): opcode, flags, status, data segment length,
+    # LUN, ITT, TTT, [sequence numbers stamped later], DataSN, buffer offset, residual
+    _DATA_IN.pack_into(r.bhs, 0, Op.DATA_IN, flags, status or 0, len(data), lun_field, itt,
+                       RESERVED_TAG, data_sn, offset, residual)
     return r
 
 

@@ -45,6 +45,7 @@ class TaskQueue:
         self._lock = threading.Lock()
         self._waiting: deque[QueuedTask] = deque()   # guarded by _lock
         self._running: list[QueuedTask] = []         # guarded by _lock
+        self._ordered_running = 0                    # ORDERED tasks in _running; _lock
         self._idle: list[threading.Lock] = []        # parked workers, most recent last; _lock
         self._closed = False                         # guarded by _lock
 
@@ -61,12 +62,15 @@ class TaskQueue:
             return True
 
     def _pick(self) -> QueuedTask | None:
-        ordered_running = False
-        for e in self._running:
-            if e.attr == ORDERED:
-                ordered_running = True
-                break
-        for i, e in enumerate(self._waiting):
+        waiting = self._waiting
+        if not waiting:
+            return None
+        if self._ordered_running == 0 and waiting[0].attr == SIMPLE:
+            e = waiting.popleft()            # the common case, without a scan
+            self._running.append(e)
+            return e
+        ordered_running = self._ordered_running > 0
+        for i, e in enumerate(waiting):
             if e.attr == HEAD_OF_QUEUE:
                 break
             if ordered_running:
@@ -80,6 +84,8 @@ class TaskQueue:
             return None
         del self._waiting[i]
         self._running.append(e)
+        if e.attr == ORDERED:
+            self._ordered_running += 1
         return e
 
     def take(self, parker: threading.Lock) -> QueuedTask | None:
@@ -101,6 +107,8 @@ class TaskQueue:
     def finish(self, entry: QueuedTask) -> None:
         with self._lock:
             self._running.remove(entry)
+            if entry.attr == ORDERED:
+                self._ordered_running -= 1
             if self._waiting and self._idle:
                 self._idle.pop().release()
             finished = entry._finished
