@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 
-from istgt.iscsi.connection import Connection
+from istgt.iscsi.connection import Connection, corked
 from istgt.iscsi.session import SessionRegistry
 from istgt.lu.backends import BackendError, FileBackend
 from istgt.lu.unit import LogicalUnit
@@ -48,7 +48,7 @@ def build_logical_unit(lu_config, max_sessions: int) -> LogicalUnit:
         log.info("LU%d: LUN%d file=%s, size=%d, %d bytes/block%s, queue depth %d",
                  lu_config.number, number, lun.path, size, lu_config.block_length,
                  " readonly" if lu_config.read_only else "", lu_config.queue_depth)
-    return LogicalUnit(lu_config, devices, max_sessions)
+    return LogicalUnit(lu_config, devices, max_sessions, completion_batch=corked)
 
 
 class Server:

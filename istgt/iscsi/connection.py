@@ -8,6 +8,7 @@ numbers and writes every ready PDU with one `sendmsg`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -38,6 +39,26 @@ M32 = 0xFFFFFFFF
 
 class ConnectionClosed(Exception):
     pass
+
+
+_corked = threading.local()
+
+
+@contextlib.contextmanager
+def corked():
+    """Responses this thread queues inside the block are written when it ends, one write per
+    connection (an LU worker finishing several tasks at once)."""
+    if getattr(_corked, "pending", None) is not None:
+        yield
+        return
+    pending: list[Connection] = []
+    _corked.pending = pending
+    try:
+        yield
+    finally:
+        _corked.pending = None
+        for conn in pending:
+            conn.send(())
 
 
 class _ConnectionLog(logging.LoggerAdapter):
@@ -687,10 +708,15 @@ class Connection:
     # without blocking (MSG_DONTWAIT), saving a hand-off to the sender; whatever the socket
     # does not take at once, and any PDU with an after-send action, goes to the sender thread,
     # which alone blocks on the socket, so a slow initiator never holds up an LU worker.
-    def send(self, responses: list) -> None:
+    def send(self, responses) -> None:
+        pending = getattr(_corked, "pending", None)
         with self._out_lock:
             self._outq.extend(responses)
-            if self._writing or self._send_stop:
+            if pending is not None:
+                if self not in pending:
+                    pending.append(self)         # written when the corked block ends
+                return
+            if self._writing or self._send_stop or not self._outq:
                 return              # the token holder drains the queue before letting go
             self._writing = True
             batch = self._outq

@@ -88,17 +88,25 @@ class TaskQueue:
             self._ordered_running += 1
         return e
 
-    def take(self, parker: threading.Lock) -> QueuedTask | None:
-        """Block until a task may start; None once the queue is closed and drained.
+    def take(self, parker: threading.Lock, limit: int = 1) -> list[QueuedTask] | None:
+        """Block until a task may start; returns it with up to `limit` - 1 further SIMPLE
+        tasks that may run right after it, or None once the queue is closed and drained.
 
         `parker` is the calling worker's own lock, held by it between calls."""
         while True:
             with self._lock:
                 e = self._pick()
                 if e is not None:
-                    if self._waiting and self._idle:
+                    batch = [e]
+                    waiting = self._waiting
+                    while (len(batch) < limit and e.attr == SIMPLE and waiting
+                           and waiting[0].attr == SIMPLE and self._ordered_running == 0):
+                        e = waiting.popleft()
+                        self._running.append(e)
+                        batch.append(e)
+                    if waiting and self._idle:
                         self._idle.pop().release()     # more runnable work: wake a peer
-                    return e
+                    return batch
                 if self._closed and not self._waiting:
                     return None
                 self._idle.append(parker)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -19,7 +20,8 @@ MAX_WORKERS = max(2, os.cpu_count() or 2)
 
 
 class LogicalUnit:
-    def __init__(self, config, devices: dict, max_sessions: int = 32):
+    def __init__(self, config, devices: dict, max_sessions: int = 32,
+                 completion_batch=contextlib.nullcontext):
         self.config = config
         self.number = config.number
         self.name = config.name
@@ -30,7 +32,8 @@ class LogicalUnit:
         limit = max(1, self.queue_depth) * max(1, max_sessions)
         self._queue = TaskQueue(limit)
         workers = 1 if self.queue_depth == 0 else min(MAX_WORKERS, self.queue_depth)
-        self._pool = WorkerPool(f"LU{self.number}", self._queue, self._execute, workers)
+        self._pool = WorkerPool(f"LU{self.number}", self._queue, self._execute, workers,
+                                completion_batch)
         for device in devices.values():
             if hasattr(device, "abort_nexuses"):
                 device.abort_nexuses = self._abort_preempted

@@ -21,8 +21,8 @@ def test_head_of_queue_starts_first():
     q = TaskQueue(10)
     q.put(entry("a"))
     q.put(entry("h", HEAD_OF_QUEUE))
-    assert q.take(parker()).task == "h"
-    assert q.take(parker()).task == "a"
+    assert q.take(parker())[0].task == "h"
+    assert q.take(parker())[0].task == "a"
 
 
 def test_ordered_waits_for_older_and_blocks_younger():
@@ -31,22 +31,32 @@ def test_ordered_waits_for_older_and_blocks_younger():
     q.put(a)
     q.put(entry("o", ORDERED))
     q.put(entry("b"))
-    assert q.take(parker()) is a
+    assert q.take(parker()) == [a]
     got = []
-    t = threading.Thread(target=lambda: got.append(q.take(parker())))
+    t = threading.Thread(target=lambda: got.extend(q.take(parker(), 8)))
     t.start()
     time.sleep(0.1)
     assert not got                               # o waits for a, b waits behind o
     q.finish(a)
     t.join(2)
     assert got[0].task == "o"
-    t2 = threading.Thread(target=lambda: got.append(q.take(parker())))
+    t2 = threading.Thread(target=lambda: got.extend(q.take(parker(), 8)))
     t2.start()
     time.sleep(0.1)
     assert len(got) == 1                         # b waits until o is done
     q.finish(got[0])
     t2.join(2)
     assert got[1].task == "b"
+
+
+def test_take_batches_simple_tasks_but_stops_at_ordered():
+    q = TaskQueue(10)
+    for name in "abc":
+        q.put(entry(name))
+    q.put(entry("o", ORDERED))
+    q.put(entry("d"))
+    assert [e.task for e in q.take(parker(), 8)] == ["a", "b", "c"]
+
 
 
 def test_limit_refuses_beyond_depth():
@@ -60,7 +70,7 @@ def test_abort_splits_waiting_and_running():
     a, b = entry("a"), entry("b")
     q.put(a)
     q.put(b)
-    assert q.take(parker()) is a
+    assert q.take(parker()) == [a]
     removed, running = q.abort(lambda e: True)
     assert removed == [b] and running == [a]
     assert a.aborted and b.aborted and not a.finished.is_set()
