@@ -92,9 +92,9 @@ class Session:
         finally:
             self.lib.scsi_free_scsi_task(task)
 
-    def write16(self, lba: int, data: bytes, block_size: int = 512) -> None:
+    def write16(self, lba: int, data: bytes, block_size: int = 512, fua: bool = False) -> None:
         buf = ctypes.create_string_buffer(data, len(data))
-        task = self.lib.scsi_cdb_write16(lba, len(data), block_size, 0, 0, 0, 0, 0)
+        task = self.lib.scsi_cdb_write16(lba, len(data), block_size, 0, 0, int(fua), 0, 0)
         self._run(task, _Data(len(data), ctypes.cast(buf, ctypes.c_void_p)))
 
     def read16(self, lba: int, length: int, block_size: int = 512) -> bytes:
