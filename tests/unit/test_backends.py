@@ -151,3 +151,22 @@ def test_memory_backend_counts_durability():
     assert backend.flush_count == 1
     backend.write_zeroes(0, 4)
     assert backend.read(0, 4) == bytes(4)
+
+
+def test_character_device_without_a_size_is_a_clear_error():
+    with pytest.raises(BackendError, match="cannot size device"):
+        FileBackend.open("/dev/zero", None, read_only=True)
+
+
+def test_unmap_punches_a_hole_that_reads_zeros(tmp_path):
+    backend = FileBackend.open(str(tmp_path / "d.img"), 1 << 20, read_only=False)
+    try:
+        backend.write(0, b"z" * 65536)
+        assert backend.allocation(0, 1 << 20) == (True, 65536)
+        backend.unmap(4096, 8192)
+        assert backend.read(4096, 8192) == bytes(8192) and backend.read(0, 4096) == b"z" * 4096
+        if backend.supports_unmap:  # the file system punched a real hole
+            assert backend.allocation(4096, 1 << 20) == (False, 8192)
+        assert backend.allocation(65536, 4096) == (False, 4096)
+    finally:
+        backend.close()
