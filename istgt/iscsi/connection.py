@@ -33,6 +33,9 @@ BUSY = 0x08
 IOV_MAX = 1000
 RECV_BUFFER = 256 * 1024
 CHECK_CONDITION = 0x02
+ABORTED_COMMAND = 0x0B
+DATA_PHASE_ERROR = 0x4B00
+PROTOCOL_SERVICE_CRC_ERROR = 0x4705
 RESERVED = wire.RESERVED_TAG
 M32 = 0xFFFFFFFF
 
@@ -368,6 +371,7 @@ class Connection:
         if itt in self.writes or itt in self.active:
             self._reject_command(pdu, RejectReason.TASK_IN_PROGRESS, holds_slot)
             return
+        self.discarding.discard(itt)        # the ITT is reused: its old Data-Out is over
         if pdu.ahs:
             cdb = extended_cdb(cdb, pdu.ahs)
         task = ScsiTask(wire.decode_lun(lun_field), cdb, s.nexus, flags & 0x07, itt, None, edtl)
@@ -480,16 +484,24 @@ class Connection:
             return
         expected_sn = r2t.data_sn if r2t is not None else cmd.unsolicited_sn
         if pdu.data_sn != expected_sn:
-            # ERL 0 has no recovery for a lost or reordered Data-Out (RFC 7143 7.1.4)
-            raise ProtocolError(f"Data-Out DataSN {pdu.data_sn}, expected {expected_sn}")
+            # ERL 0 cannot recover a lost or reordered Data-Out: the command fails, the
+            # connection goes on (RFC 7143 7.1.4, sense "data phase error")
+            self._discard_data(length)
+            self.log.warning("Data-Out DataSN %d for ITT 0x%08x, expected %d", pdu.data_sn,
+                             itt, expected_sn)
+            self._fail_gathering(cmd, DATA_PHASE_ERROR)
+            return
         if r2t is not None:
             r2t.data_sn += 1
         else:
             cmd.unsolicited_sn += 1
         _, ok = self._read_data(length, memoryview(cmd.buffer)[offset:offset + length])
         if not ok:
-            # ERL 0: the initiator cannot resend this data, so the connection ends
-            raise ProtocolError("data digest error on Data-Out")
+            # ERL 0: the data cannot be resent, so the command fails (RFC 7143 7.8)
+            self.log.warning("data digest error on Data-Out for ITT 0x%08x", itt)
+            self.send([wire.reject(RejectReason.DATA_DIGEST_ERROR, pdu.bhs)])
+            self._fail_gathering(cmd, PROTOCOL_SERVICE_CRC_ERROR)
+            return
         with self.lock:
             if self.writes.get(itt) is not cmd:
                 return                     # aborted meanwhile
@@ -507,6 +519,20 @@ class Connection:
             self._submit_write(cmd)
         elif r2t is not None and cmd.outstanding_r2t < self.values.max_outstanding_r2t:
             self._issue_r2ts(cmd)
+
+    def _fail_gathering(self, cmd: Command, asc: int) -> None:
+        """End a write still gathering Data-Out with CHECK CONDITION, ABORTED COMMAND; the
+        rest of its Data-Out is thrown away as it arrives."""
+        with self.lock:
+            if self.writes.pop(cmd.itt, None) is not cmd:
+                return
+            self._drop_r2ts(cmd)
+            self.discarding.add(cmd.itt)
+        cmd.task.status = CHECK_CONDITION
+        cmd.task.sense = encode_sense(ABORTED_COMMAND, asc)
+        with self.lock:
+            self.active[cmd.itt] = cmd
+        self._task_done(cmd, cmd.task, False)
 
     def _drop_r2ts(self, cmd) -> None:
         for ttt in [t for t, r in self.r2ts.items() if r.command is cmd]:
