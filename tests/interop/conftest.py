@@ -60,10 +60,16 @@ def run_tool(args: list[str], *, timeout: float = 60.0, env: dict[str, str] | No
                     f"{exc.stdout!r}\n{exc.stderr!r}", pytrace=False)
 
 
-def free_port() -> int:
-    """A TCP port free on both 127.0.0.1 and ::1 at the time of asking."""
-    for _attempt in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as v4:
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports, each free on both 127.0.0.1 and ::1 at the time of asking."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        for _attempt in range(50 * count):
+            if len(ports) == count:
+                break
+            v4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(v4)  # kept bound until all are chosen, so no port is picked twice
             v4.bind(("127.0.0.1", 0))
             port = v4.getsockname()[1]
             try:
@@ -71,8 +77,18 @@ def free_port() -> int:
                     v6.bind(("::1", port))
             except OSError:
                 continue
-            return port
-    raise RuntimeError("no TCP port free on both 127.0.0.1 and ::1 after 50 tries")
+            ports.append(port)
+    finally:
+        for sock in held:
+            sock.close()
+    if len(ports) < count:
+        raise RuntimeError(f"found only {len(ports)} of {count} free TCP ports")
+    return ports
+
+
+def free_port() -> int:
+    """One TCP port free on both 127.0.0.1 and ::1 at the time of asking."""
+    return free_ports(1)[0]
 
 
 @dataclass(frozen=True)
@@ -237,8 +253,9 @@ class PythonTarget:
 
 
 def start_target(directory: Path, units: tuple[LuSpec, ...]) -> PythonTarget:
-    layout = TargetLayout(directory=directory, port=free_port(), chap_port=free_port(),
-                          control_port=free_port(), units=units)
+    port, chap_port, control_port = free_ports(3)
+    layout = TargetLayout(directory=directory, port=port, chap_port=chap_port,
+                          control_port=control_port, units=units)
     write_config(layout)
     target = PythonTarget(layout)
     target.start()
