@@ -19,6 +19,7 @@ log = logging.getLogger("istgt.iscsi")
 
 SECURITY, OPERATIONAL, FULL_FEATURE = 0, 1, 3
 MAX_LOGIN_TEXT = 65536
+REINSTATEMENT_WAIT = 10.0     # seconds for a reinstated session's connections to end
 
 CONTINUE, ENTER_FFP, CLOSE = "continue", "ffp", "close"
 
@@ -254,6 +255,11 @@ class LoginProcess:
             log.warning("session reinstatement: closing TSIH %d of %s", old.tsih,
                         old.initiator_port)
             old.close_all("session reinstated")
+        for old in replaced:
+            # the old I_T nexus must be gone (its tasks aborted, SPC-2 reservation released)
+            # before the new session, which has the same nexus, runs a command
+            for member in old.members():
+                member.finished.wait(REINSTATEMENT_WAIT)
         session.add_connection(conn, values.max_connections)
         return session
 
