@@ -17,6 +17,7 @@ net_log = logging.getLogger("istgt.net")
 
 LISTEN_BACKLOG = 128
 SHUTDOWN_WAIT = 10.0
+SPARE_CONNECTIONS = 64    # connections beyond MaxSessions x MaxConnections (logins, discovery)
 KEEPALIVE_TICK = 0.25     # NOP-In timing granularity (seconds)
 
 
@@ -57,6 +58,8 @@ class Server:
         self.mode = mode
         g = config.global_
         self.sessions = SessionRegistry(g.max_sessions)
+        # Every connection costs two threads: bound them (logged-in ones plus room for logins)
+        self.max_connections = g.max_sessions * g.iscsi.max_connections + SPARE_CONNECTIONS
         self.units: dict[int, LogicalUnit] = {}
         self._by_name: dict[str, LogicalUnit] = {}
         self._listeners: list[tuple[socket.socket, int]] = []   # (socket, portal group tag)
@@ -158,8 +161,20 @@ class Server:
                 if self._stopping.is_set():
                     sock.close()
                     return
-                self._connections.add(conn)
-            conn.start()
+                full = len(self._connections) >= self.max_connections
+                if not full:
+                    self._connections.add(conn)
+            if full:
+                net_log.warning("connection from %s refused: %d connections already",
+                                peer, self.max_connections)
+                sock.close()
+                continue
+            try:
+                conn.start()
+            except Exception as e:        # e.g. no more threads: keep accepting anyway
+                net_log.error("connection from %s dropped: %s", peer, e)
+                self.connection_closed(conn)
+                sock.close()
 
     def _keepalive_loop(self) -> None:
         g = self.config.global_

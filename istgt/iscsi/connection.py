@@ -32,6 +32,7 @@ WRITE_BUDGET = 256 * 1024 * 1024        # write buffers one connection may hold 
 BUSY = 0x08
 IOV_MAX = 1000
 RECV_BUFFER = 256 * 1024
+MAX_TEXT_REQUEST = 65536                # a (continued) Text request, as for login keys
 CHECK_CONDITION = 0x02
 ABORTED_COMMAND = 0x0B
 DATA_PHASE_ERROR = 0x4B00
@@ -61,7 +62,10 @@ def corked():
     finally:
         _corked.pending = None
         for conn in pending:
-            conn.send(())
+            try:
+                conn.send(())
+            finally:
+                conn._deferred_done()
 
 
 class _ConnectionLog(logging.LoggerAdapter):
@@ -101,7 +105,10 @@ class Connection:
         self.discarding: set[int] = set()     # ITTs whose Data-Out is thrown away
         self.text_rest: dict[int, bytes] = {}  # TTT -> rest of a long Text response
         self.text_in = bytearray()            # C-bit continuation of a Text request
-        self._next_ttt = 1
+        self._text_in_ttt = None              # the TTT we gave that continuation
+        self._to_submit: list = []            # (task, done) not yet handed to the LU
+        self._next_ttt = 1                    # guarded by _ttt_lock
+        self._ttt_lock = threading.Lock()
         self._rbuf = bytearray(RECV_BUFFER)
         self._rview = memoryview(self._rbuf)
         self._rstart = self._rend = 0         # unread bytes are _rbuf[_rstart:_rend]
@@ -109,6 +116,7 @@ class Connection:
         self.lock = threading.Lock()
         self.active: dict[int, Command] = {}  # ITT -> executing command; guarded by lock
         self.buffered = 0                     # bytes of write buffers held; guarded by lock
+        self._deferred = 0                    # corked answers not yet written; guarded by lock
         self.idle = threading.Condition(self.lock)
         self._out_lock = threading.Lock()
         self._outq: deque = deque()           # guarded by _out_lock
@@ -146,6 +154,8 @@ class Connection:
             self._rview[:end - start] = self._rview[start:end]
             start, end = 0, end - start
             self._rstart = 0
+        if self._to_submit:
+            self._flush_submissions()        # about to wait for the peer: start what we have
         sock = self.sock
         view = self._rview
         while end - start < need:
@@ -178,6 +188,7 @@ class Connection:
             view[:] = self._rview[start:start + len(view)]
             self._rstart = start + len(view)
             return
+        self._flush_submissions()
         sock = self.sock
         while view:
             n = sock.recv_into(view, len(view), socket.MSG_WAITALL)
@@ -338,6 +349,8 @@ class Connection:
                 self.send([wire.reject(RejectReason.DATA_DIGEST_ERROR, bhs)])
                 continue
             pdu = wire.Pdu(bhs, ahs, data)
+            if opcode != Op.SCSI_CMD:
+                self._flush_submissions()        # a TMF or Logout must see every command
             handler = handlers.get(opcode)
             if handler is None:
                 self._unsupported(pdu)
@@ -364,8 +377,8 @@ class Connection:
         writing = bool(flags & 0x20)
         if not s.accept_cmdsn(cmdsn, immediate_cmd):
             self.log.debug("CmdSN %d outside the window: ignored", cmdsn)
-            if writing:
-                self.discarding.add(itt)
+            if writing and not flags & 0x80:
+                self.discarding.add(itt)        # its unsolicited Data-Out is thrown away
             return
         holds_slot = not immediate_cmd
         if itt in self.writes or itt in self.active:
@@ -406,9 +419,12 @@ class Connection:
                 self.active[itt] = cmd
             self._task_done(cmd, cmd.task, False)
             return
-        cmd.buffer = bytearray(edtl)
-        if immediate:
-            cmd.buffer[:len(immediate)] = immediate
+        if len(immediate) == edtl:
+            cmd.buffer = immediate          # all of it came with the command: no copy
+        else:
+            cmd.buffer = bytearray(edtl)
+            if immediate:
+                cmd.buffer[:len(immediate)] = immediate
         cmd.received = len(immediate)
         cmd.unsolicited_end = len(immediate)
         if not v.initial_r2t and not pdu.final:
@@ -444,11 +460,10 @@ class Connection:
         out = []
         while cmd.outstanding_r2t < v.max_outstanding_r2t and cmd.next_offset < edtl:
             length = min(v.max_burst_length, edtl - cmd.next_offset)
-            ttt = self._next_ttt
-            self._next_ttt = (ttt + 1) & M32 or 1
-            if self._next_ttt == RESERVED:
-                self._next_ttt = 1
+            ttt = self._new_ttt()
             with self.lock:
+                if self.writes.get(cmd.itt) is not cmd:
+                    break                         # aborted meanwhile: ask for nothing more
                 self.r2ts[ttt] = R2tState(cmd, cmd.next_offset, length)
             out.append(wire.r2t(cmd.itt, cmd.lun_field, ttt, cmd.r2t_sn, cmd.next_offset,
                                 length))
@@ -466,7 +481,7 @@ class Connection:
         if cmd is None:
             self._discard_data(length)
             if itt in self.discarding:
-                if pdu.final and pdu.ttt == RESERVED:
+                if pdu.final:
                     self.discarding.discard(itt)
                 return
             self.log.warning("Data-Out for unknown ITT 0x%08x", itt)
@@ -543,18 +558,31 @@ class Connection:
         self._submit(cmd)
 
     def _submit(self, cmd: Command) -> None:
+        """Hand a command to its LU. Commands are collected while more PDUs wait in the
+        receive buffer and submitted together before the receiver blocks (fewer wake-ups)."""
         with self.lock:
             self.active[cmd.itt] = cmd
-        self.session.target.submit(cmd.task, lambda task, aborted: self._task_done(cmd, task,
-                                                                                  aborted))
+        self._to_submit.append(
+            (cmd.task, lambda task, aborted: self._task_done(cmd, task, aborted)))
+
+    def _flush_submissions(self) -> None:
+        if self._to_submit:
+            items, self._to_submit = self._to_submit, []
+            self.session.target.submit_many(items)
 
     # ------------------------------------------------------------------ completion
     def _task_done(self, cmd: Command, task, aborted: bool) -> None:
+        pending = getattr(_corked, "pending", None)
         with self.lock:
             self.active.pop(cmd.itt, None)
             if cmd.buffer is not None:
                 self.buffered -= len(cmd.buffer)
-            if not self.active:
+            if pending is not None and not aborted and self not in pending:
+                # the answer is written when the worker's batch ends: count it as in flight
+                # in the same step as the command stops being active (teardown waits for both)
+                pending.append(self)
+                self._deferred += 1
+            if not self.active and not self._deferred:
                 self.idle.notify_all()
         if aborted:
             if cmd.holds_slot:
@@ -581,8 +609,7 @@ class Connection:
                                 ends_command=not pdu.immediate)])
 
     def ping(self) -> None:
-        ttt = self._next_ttt
-        self._next_ttt = (ttt + 1) & M32 or 1
+        ttt = self._new_ttt()
         self.ping_ttt = ttt
         self.ping_sent_at = time.monotonic()
         self.send([wire.nop_in(RESERVED, ttt, 0, takes_statsn=False)])
@@ -625,25 +652,38 @@ class Connection:
             return
         ends = not pdu.immediate
         if pdu.final and pdu.cont:
-            self.send([wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)])
+            self._reject_accepted(pdu, RejectReason.PROTOCOL_ERROR)
             return
-        if pdu.ttt != RESERVED:
-            rest = self.text_rest.pop(pdu.ttt, None)
+        ttt = pdu.ttt
+        if ttt == RESERVED:
+            # a new request: whatever an earlier one left behind is over
+            self.text_in.clear()
+            self._text_in_ttt = None
+            self.text_rest.clear()
+        elif ttt == self._text_in_ttt:
+            self._text_in_ttt = None              # the next part of a continued request
+        else:
+            rest = self.text_rest.pop(ttt, None)
             if rest is None:
-                self.send([wire.reject(RejectReason.INVALID_PDU_FIELD, pdu.bhs)])
+                self._reject_accepted(pdu, RejectReason.INVALID_PDU_FIELD)
                 return
-            self._send_text(pdu, rest, ends)
+            self._send_text(pdu, rest, ends)     # the initiator asks for more of our answer
             return
         self.text_in += pdu.data
+        if len(self.text_in) > MAX_TEXT_REQUEST:
+            self.text_in.clear()
+            self._reject_accepted(pdu, RejectReason.PROTOCOL_ERROR)
+            return
         if pdu.cont:
-            self.send([wire.text_response(pdu.itt, self._new_ttt(), b"", False, False,
-                                           ends_command=ends)])
+            self._text_in_ttt = self._new_ttt()
+            self.send([wire.text_response(pdu.itt, self._text_in_ttt, b"", False, False,
+                                          ends_command=ends)])
             return
         try:
             pairs = params.parse_text(bytes(self.text_in))
         except params.TextError:
             self.text_in.clear()
-            self.send([wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)])
+            self._reject_accepted(pdu, RejectReason.PROTOCOL_ERROR)
             return
         self.text_in.clear()
         answers = []
@@ -669,10 +709,20 @@ class Connection:
         if new_mrdsl:
             self.max_send_segment = new_mrdsl
 
+    def _reject_accepted(self, pdu, reason) -> None:
+        """Reject a PDU whose CmdSN was accepted: its slot in the window is freed."""
+        r = wire.reject(reason, pdu.bhs)
+        r.ends_command = not pdu.immediate
+        self.send([r])
+
     def _new_ttt(self) -> int:
-        ttt = self._next_ttt
-        self._next_ttt = (ttt + 1) & M32 or 1
-        return ttt
+        """A Target Transfer Tag: unique on this connection, never 0 or 0xffffffff (the
+        receiver and the keep-alive thread both take them)."""
+        with self._ttt_lock:
+            ttt = self._next_ttt
+            nxt = (ttt + 1) & M32
+            self._next_ttt = 1 if nxt in (0, RESERVED) else nxt
+            return ttt
 
     def _send_text(self, pdu, data: bytes, ends: bool) -> None:
         limit = self.max_send_segment
@@ -688,7 +738,8 @@ class Connection:
     # ------------------------------------------------------------------ logout
     def _on_logout(self, pdu) -> None:
         s = self.session
-        s.accept_cmdsn(pdu.cmdsn, pdu.immediate)   # a logout is honoured even out of window
+        # a logout is honoured even out of window; only an accepted one frees a slot
+        accepted = s.accept_cmdsn(pdu.cmdsn, pdu.immediate)
         reason = pdu.reason
         v = self.values
         after = None
@@ -707,7 +758,9 @@ class Connection:
         elif reason == 2:
             response = 2        # connection recovery is not supported (ERL 0)
         else:
-            self.send([wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)])
+            r = wire.reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)
+            r.ends_command = accepted and not pdu.immediate
+            self.send([r])
             return
         log.info("Logout%s from %s (%s) on %s, TSIH=%d, CID=%d, reason %d",
                  "(discovery)" if s.discovery else "", s.initiator_name, self.peer_ip,
@@ -715,14 +768,22 @@ class Connection:
         if after is not None:
             self._wait_idle(self.server.config.global_.timeout or 60)
         r = wire.logout_response(pdu.itt, response, v.default_time2wait,
-                                 v.default_time2retain, ends_command=not pdu.immediate)
+                                 v.default_time2retain,
+                                 ends_command=accepted and not pdu.immediate)
         r.after_send = after
         self.send([r])
 
+    def _deferred_done(self) -> None:
+        with self.lock:
+            self._deferred -= 1
+            if not self.active and not self._deferred:
+                self.idle.notify_all()
+
     def _wait_idle(self, timeout: float) -> None:
+        """Wait until every command has ended and its answer has been handed to the socket."""
         deadline = time.monotonic() + timeout
         with self.lock:
-            while self.active:
+            while self.active or self._deferred:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -736,12 +797,16 @@ class Connection:
     # which alone blocks on the socket, so a slow initiator never holds up an LU worker.
     def send(self, responses) -> None:
         pending = getattr(_corked, "pending", None)
+        if pending is not None:
+            with self._out_lock:
+                self._outq.extend(responses)
+            if self not in pending:
+                pending.append(self)             # written when the corked block ends
+                with self.lock:
+                    self._deferred += 1          # teardown waits for that write
+            return
         with self._out_lock:
             self._outq.extend(responses)
-            if pending is not None:
-                if self not in pending:
-                    pending.append(self)         # written when the corked block ends
-                return
             if self._writing or self._send_stop or not self._outq:
                 return              # the token holder drains the queue before letting go
             self._writing = True
@@ -916,20 +981,23 @@ class Connection:
         return None
 
     # ================================================================== teardown
-    def close_async(self, reason: str) -> None:
-        """Ask the connection to end; safe from any thread."""
-        if self.closing:
+    def close_async(self, reason: str, force: bool = False) -> None:
+        """Ask the connection to end; safe from any thread. Normally only reading stops, so
+        commands in flight are still answered; `force` also cuts writing at once."""
+        if self.closing and not force:
             return
         self.closing = True
         self.log.debug("closing connection from %s: %s", self.peer_ip, reason)
         try:
-            self.sock.shutdown(socket.SHUT_RD)
+            self.sock.shutdown(socket.SHUT_RDWR if force else socket.SHUT_RD)
         except OSError:
             pass
 
     def _teardown(self, reason: str) -> None:
         self.closing = True
-        # Commands already executing finish and are answered if the socket still works.
+        # Commands already received run to the end and are answered if the socket still works.
+        if self.session is not None and not self.session.discovery:
+            self._flush_submissions()
         self._wait_idle(30)
         if self.session is not None:
             self.abort_writes(lambda c: True)
@@ -940,9 +1008,15 @@ class Connection:
                 self._sender_wake.release()
         self._sender.join(10)
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(socket.SHUT_RDWR)   # also ends a write still blocked on it
         except OSError:
             pass
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with self._out_lock:
+                if not self._writing:
+                    break
+            time.sleep(0.01)      # a worker is finishing a write: its fd must stay valid
         self.sock.close()
         s = self.session
         if s is not None and s.remove_connection(self):

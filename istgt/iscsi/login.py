@@ -254,7 +254,7 @@ class LoginProcess:
         for old in replaced:
             log.warning("session reinstatement: closing TSIH %d of %s", old.tsih,
                         old.initiator_port)
-            old.close_all("session reinstated")
+            old.close_all("session reinstated", force=True)
         for old in replaced:
             # the old I_T nexus must be gone (its tasks aborted, SPC-2 reservation released)
             # before the new session, which has the same nexus, runs a command

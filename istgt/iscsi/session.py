@@ -113,9 +113,9 @@ class Session:
         with self.lock:
             return list(self.connections.values())
 
-    def close_all(self, reason: str) -> None:
+    def close_all(self, reason: str, force: bool = False) -> None:
         for conn in self.members():
-            conn.close_async(reason)
+            conn.close_async(reason, force)
 
 
 class SessionRegistry:

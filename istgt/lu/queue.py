@@ -15,6 +15,7 @@ from collections import deque
 from typing import Callable
 
 SIMPLE, ORDERED, HEAD_OF_QUEUE, ACA = 1, 2, 3, 4   # iSCSI ATTR field values (0 untagged = SIMPLE)
+BATCH_HINT = 8    # tasks a worker takes at once (worker.BATCH): one wake-up per that many
 
 
 class QueuedTask:
@@ -50,16 +51,27 @@ class TaskQueue:
         self._closed = False                         # guarded by _lock
 
     def put(self, entry: QueuedTask) -> bool:
+        return not self.put_many([entry])
+
+    def put_many(self, entries: list[QueuedTask]) -> list[QueuedTask]:
+        """Queue `entries` in order under one lock; returns those refused (the task set is
+        full or closed). Wakes one parked worker per BATCH_HINT tasks."""
         with self._lock:
-            if self._closed or len(self._waiting) + len(self._running) >= self.limit:
-                return False
-            if entry.attr == HEAD_OF_QUEUE:
-                self._waiting.appendleft(entry)
-            else:
-                self._waiting.append(entry)
-            if self._idle:
+            refused = []
+            queued = 0
+            for entry in entries:
+                if self._closed or len(self._waiting) + len(self._running) >= self.limit:
+                    refused.append(entry)
+                    continue
+                if entry.attr == HEAD_OF_QUEUE:
+                    self._waiting.appendleft(entry)
+                else:
+                    self._waiting.append(entry)
+                queued += 1
+            wake = min(len(self._idle), (queued + BATCH_HINT - 1) // BATCH_HINT)
+            for _ in range(wake):
                 self._idle.pop().release()
-            return True
+            return refused
 
     def _pick(self) -> QueuedTask | None:
         waiting = self._waiting

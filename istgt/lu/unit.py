@@ -43,11 +43,17 @@ class LogicalUnit:
     def submit(self, task, done) -> None:
         """Queue `task`; `done(task, aborted)` runs once, on a worker thread, when it has a
         status, or on the aborting thread when it was aborted before it started."""
-        if not self._queue.put(QueuedTask(task, done, task.attr)):
+        self.submit_many([(task, done)])
+
+    def submit_many(self, items) -> None:
+        """Queue several (task, done) pairs in order, with one lock and few wake-ups."""
+        refused = self._queue.put_many([QueuedTask(t, d, t.attr) for t, d in items])
+        for entry in refused:
+            task = entry.task
             task.status = TASK_SET_FULL
             task.sense = b""
             task.data_in = None
-            done(task, False)
+            entry.done(task, False)
 
     def _execute(self, task) -> None:
         if self.queue_depth == 0:

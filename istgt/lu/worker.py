@@ -6,7 +6,7 @@ import contextlib
 import logging
 import threading
 
-from istgt.lu.queue import TaskQueue
+from istgt.lu.queue import BATCH_HINT, TaskQueue
 
 log = logging.getLogger("istgt.lu")
 
@@ -14,7 +14,7 @@ log = logging.getLogger("istgt.lu")
 # Tasks one worker takes at once when several are waiting: their completions are reported
 # together, so the transport can answer them with one write (fewer system calls and GIL
 # hand-offs at queue depth > 1); small enough that no answer waits long for the others.
-BATCH = 8
+BATCH = BATCH_HINT
 
 
 class WorkerPool:
@@ -44,14 +44,16 @@ class WorkerPool:
                         self._execute(entry.task)
                 except Exception:  # the device should never raise; keep the worker alive anyway
                     log.exception("task execution failed")
-                finally:
-                    queue.finish(entry)
             with self._completion_batch():
                 for entry in batch:
                     try:
                         entry.done(entry.task, entry.aborted)
                     except Exception:
                         log.exception("task completion failed")
+            # Only now may an abort or reset that waits for these tasks answer: their
+            # responses were handed to the transport first (or suppressed if aborted).
+            for entry in batch:
+                queue.finish(entry)
 
     def join(self, timeout: float | None = None) -> None:
         for t in self._threads:
