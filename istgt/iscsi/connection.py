@@ -33,6 +33,8 @@ BUSY = 0x08
 IOV_MAX = 1000
 RECV_BUFFER = 256 * 1024
 MAX_TEXT_REQUEST = 65536                # a (continued) Text request, as for login keys
+OUT_LIMIT = 64 * 1024 * 1024            # answers queued for a peer that does not read them
+MAX_IMMEDIATE = 16                      # immediate commands (outside the CmdSN window) at once
 CHECK_CONDITION = 0x02
 ABORTED_COMMAND = 0x0B
 DATA_PHASE_ERROR = 0x4B00
@@ -125,6 +127,9 @@ class Connection:
         self._writing = False                 # a thread holds the writer token; _out_lock
         self._token_to_sender = False         # ... and it is the sender thread; _out_lock
         self._leftover = None                 # encoded bytes the sender must write first
+        self._leftover_size = 0
+        self._unsent = 0                      # bytes queued but not yet written; _out_lock
+        self._drained = threading.Condition(self._out_lock)
         self._sender_wake = threading.Lock()  # released to wake the parked sender
         self._sender_wake.acquire()
         self.closing = False
@@ -351,6 +356,9 @@ class Connection:
             pdu = wire.Pdu(bhs, ahs, data)
             if opcode != Op.SCSI_CMD:
                 self._flush_submissions()        # a TMF or Logout must see every command
+            if self._unsent > OUT_LIMIT:
+                self._flush_submissions()
+                self._wait_for_reader()
             handler = handlers.get(opcode)
             if handler is None:
                 self._unsupported(pdu)
@@ -383,6 +391,10 @@ class Connection:
         holds_slot = not immediate_cmd
         if itt in self.writes or itt in self.active:
             self._reject_command(pdu, RejectReason.TASK_IN_PROGRESS, holds_slot)
+            return
+        if immediate_cmd and self._immediate_in_flight() >= MAX_IMMEDIATE:
+            # immediate commands bypass the CmdSN window: bound them (RFC 7143 11.17.1)
+            self._reject_command(pdu, RejectReason.IMMEDIATE_COMMAND_REJECT, False)
             return
         self.discarding.discard(itt)        # the ITT is reused: its old Data-Out is over
         if pdu.ahs:
@@ -571,6 +583,11 @@ class Connection:
             self.session.target.submit_many(items)
 
     # ------------------------------------------------------------------ completion
+    def _immediate_in_flight(self) -> int:
+        with self.lock:       # rare (immediate SCSI commands), so a count beats bookkeeping
+            return sum(1 for c in (*self.active.values(), *self.writes.values())
+                       if not c.holds_slot)
+
     def _task_done(self, cmd: Command, task, aborted: bool) -> None:
         pending = getattr(_corked, "pending", None)
         with self.lock:
@@ -800,6 +817,7 @@ class Connection:
         if pending is not None:
             with self._out_lock:
                 self._outq.extend(responses)
+                self._unsent += _wire_size(responses)
             if self not in pending:
                 pending.append(self)             # written when the corked block ends
                 with self.lock:
@@ -807,6 +825,7 @@ class Connection:
             return
         with self._out_lock:
             self._outq.extend(responses)
+            self._unsent += _wire_size(responses)
             if self._writing or self._send_stop or not self._outq:
                 return              # the token holder drains the queue before letting go
             self._writing = True
@@ -815,13 +834,15 @@ class Connection:
         try:
             while True:
                 if any(r.after_send is not None for r in batch):
-                    self._hand_to_sender(batch, None)
+                    self._hand_to_sender(batch, None, 0)
                     return
+                size = _wire_size(batch)
                 rest = self._sendmsg(self._encode(batch), blocking=False)
                 if rest:
-                    self._hand_to_sender(None, rest)
+                    self._hand_to_sender(None, rest, size)
                     return
                 with self._out_lock:
+                    self._written(size)
                     if not self._outq:
                         self._writing = False
                         return
@@ -832,13 +853,32 @@ class Connection:
                 self._writing = False
             self._send_failed(e)
 
-    def _hand_to_sender(self, batch, leftover) -> None:
+    def _written(self, size: int) -> None:
+        """`size` bytes went out (call with _out_lock held)."""
+        self._unsent -= size
+        if self._unsent <= OUT_LIMIT // 2:
+            self._drained.notify_all()
+
+    def _wait_for_reader(self) -> None:
+        """Stop reading requests while too many answers wait for a peer that does not read
+        them; a peer that reads nothing for Timeout seconds loses the connection."""
+        timeout = self.server.config.global_.timeout or 60
+        deadline = time.monotonic() + timeout
+        with self._out_lock:
+            while self._unsent > OUT_LIMIT // 2 and not self._send_stop:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ProtocolError(f"the initiator read no answers for {timeout} s")
+                self._drained.wait(left)
+
+    def _hand_to_sender(self, batch, leftover, leftover_size: int) -> None:
         """Give the writer token to the sender thread with what is still to be written."""
         with self._out_lock:
             if batch is not None:
                 batch.extend(self._outq)
                 self._outq = batch
             self._leftover = leftover
+            self._leftover_size = leftover_size
             self._token_to_sender = True
             if self._sender_parked:
                 self._sender_parked = False
@@ -863,6 +903,7 @@ class Connection:
                     owns_token = self._token_to_sender
                     if owns_token:
                         leftover, self._leftover = self._leftover, None
+                        leftover_size = self._leftover_size
                     elif self._send_stop:
                         return
                     else:
@@ -872,6 +913,8 @@ class Connection:
                     continue
                 if leftover:
                     self._sendmsg(leftover, blocking=True)
+                    with self._out_lock:
+                        self._written(leftover_size)
                 while True:
                     with self._out_lock:
                         if not self._outq:
@@ -880,6 +923,8 @@ class Connection:
                         batch = self._outq
                         self._outq = deque()
                     self._write_batch(batch)
+                    with self._out_lock:
+                        self._written(_wire_size(batch))
         except OSError as e:
             self._send_failed(e)
         finally:
@@ -887,6 +932,8 @@ class Connection:
                 self._send_stop = True
                 self._writing = self._token_to_sender = False
                 self._outq.clear()
+                self._unsent = 0
+                self._drained.notify_all()
 
     def _send_failed(self, error: OSError) -> None:
         self.log.debug("send to %s failed: %s", self.peer_ip, error)
@@ -1026,6 +1073,10 @@ class Connection:
             log.info("session TSIH %d of %s ended (%s)", s.tsih, s.initiator_port, reason)
         self.server.connection_closed(self)
         self.finished.set()
+
+
+def _wire_size(responses) -> int:
+    return sum(wire.BHS_LEN + len(r.data) for r in responses)
 
 
 def _plain_ip(ip: str) -> str:

@@ -25,3 +25,36 @@ def test_write_buffers_beyond_the_budget_get_busy(target):
     assert over.status == BUSY
     assert all(r.startswith("R2T beyond the data") for r in initiator.violations)
     initiator.violations.clear()   # they were the point of the test, not target faults
+
+
+def test_immediate_commands_beyond_the_bound_are_rejected(target):
+    """Immediate commands bypass the CmdSN window, so their number in flight is bounded:
+    beyond it the target answers Reject (immediate command reject, 0x06)."""
+    import threading
+    import time
+
+    from istgt.iscsi.connection import MAX_IMMEDIATE
+    from tests.functional.initiator import REJECT
+
+    initiator = target.session()
+    device = target.server.units[1].devices[0]
+    gate = threading.Event()
+    execute = device.execute
+
+    def held_execute(task):
+        gate.wait(5)
+        execute(task)
+    device.execute = held_execute
+    itts = [initiator.submit(bytes(6), immediate=True) for _ in range(MAX_IMMEDIATE + 2)]
+    rejects = []
+    deadline = time.monotonic() + 5
+    while len(rejects) < 2 and time.monotonic() < deadline:
+        pdu = initiator.recv_pdu(timeout=5)
+        if pdu.opcode == REJECT:
+            rejects.append(pdu)
+    assert [r.reason for r in rejects] == [0x06, 0x06]
+    gate.set()
+    for itt in itts[:MAX_IMMEDIATE]:
+        assert initiator.collect(itt, timeout=10).status == GOOD
+    for itt in itts[MAX_IMMEDIATE:]:
+        initiator.tasks.pop(itt, None)
