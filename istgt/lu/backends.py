@@ -138,8 +138,9 @@ class FileBackend:
             raise
 
     def _mark_dirty(self) -> None:
-        with self._dirty_lock:
-            self._dirty = True
+        if not self._dirty:             # only the first write after a flush takes the lock
+            with self._dirty_lock:
+                self._dirty = True
 
     def read(self, offset: int, length: int) -> bytes | bytearray:
         data = os.pread(self._fd, length, offset)

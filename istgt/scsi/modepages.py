@@ -112,6 +112,7 @@ class ModePages:
         self._current: dict[tuple[int, int], bytes] = {  # guarded by _lock
             d.key: d.default for d in definitions
         }
+        self._derive()
 
     def _value(self, key: tuple[int, int], control: PageControl) -> bytes:
         definition = self._definitions[key]
@@ -184,6 +185,7 @@ class ModePages:
                 if self._current[key] != value:
                     self._current[key] = value
                     changed = True
+            self._derive()
         return changed
 
     def reset(self) -> None:
@@ -191,20 +193,14 @@ class ModePages:
         with self._lock:
             for key, definition in self._definitions.items():
                 self._current[key] = definition.default
+            self._derive()
 
-    # Behaviour switches other code reads.
-    @property
-    def write_cache_enabled(self) -> bool:
-        return bool(self.current(PageCode.CACHING)[2] & CACHING_WCE)
-
-    @property
-    def read_cache_disabled(self) -> bool:
-        return bool(self.current(PageCode.CACHING)[2] & CACHING_RCD)
-
-    @property
-    def descriptor_sense(self) -> bool:
-        return bool(self.current(PageCode.CONTROL)[2] & CONTROL_D_SENSE)
-
-    @property
-    def software_write_protect(self) -> bool:
-        return bool(self.current(PageCode.CONTROL)[4] & CONTROL_SWP)
+    def _derive(self) -> None:
+        """The behaviour switches other code reads on every command, kept as plain
+        attributes (recomputed, under _lock, whenever a page changes)."""
+        caching = self._current.get((PageCode.CACHING, 0))
+        control = self._current.get((PageCode.CONTROL, 0))
+        self.write_cache_enabled = bool(caching and caching[2] & CACHING_WCE)
+        self.read_cache_disabled = bool(caching and caching[2] & CACHING_RCD)
+        self.descriptor_sense = bool(control and control[2] & CONTROL_D_SENSE)
+        self.software_write_protect = bool(control and control[4] & CONTROL_SWP)
