@@ -15,7 +15,7 @@ from collections import deque
 from typing import Callable
 
 SIMPLE, ORDERED, HEAD_OF_QUEUE, ACA = 1, 2, 3, 4   # iSCSI ATTR field values (0 untagged = SIMPLE)
-BATCH_HINT = 8    # tasks a worker takes at once (worker.BATCH): one wake-up per that many
+BATCH_HINT = 16    # tasks a worker takes at once (worker.BATCH): one wake-up per that many
 
 
 class QueuedTask:
