@@ -985,19 +985,16 @@ class Connection:
 
     def _write_batch(self, batch) -> None:
         """The sender's blocking write; runs after-send actions once their PDU is out."""
-        bufs = []
-        session = self.session
-        trace = log.isEnabledFor(logging.DEBUG)
+        pending = []
         for r in batch:
-            self._stamp(r, session, trace)
-            self._append_pdu(bufs, r)
+            pending.append(r)
             if r.after_send is not None:
-                # flush now: the action may change digests or close the socket
-                self._sendmsg(bufs, blocking=True)
-                bufs = []
+                # write now: the action may change digests or close the socket
+                self._sendmsg(self._encode(pending), blocking=True)
+                pending = []
                 r.after_send()
-        if bufs:
-            self._sendmsg(bufs, blocking=True)
+        if pending:
+            self._sendmsg(self._encode(pending), blocking=True)
 
     def _sendmsg(self, bufs: list, blocking: bool) -> list | None:
         """Write `bufs`; without blocking, return what the socket did not take (or None)."""
