@@ -58,3 +58,26 @@ def test_immediate_commands_beyond_the_bound_are_rejected(target):
         assert initiator.collect(itt, timeout=10).status == GOOD
     for itt in itts[MAX_IMMEDIATE:]:
         initiator.tasks.pop(itt, None)
+
+
+def test_a_slow_backend_does_not_delay_nop_out_answers(target):
+    """Commands run on the LU's workers, never on the connection's threads: a NOP-Out is
+    answered at once while a command on the same connection is stuck in the backend."""
+    import threading
+    import time
+
+    initiator = target.session()
+    device = target.server.units[1].devices[0]
+    gate = threading.Event()
+    execute = device.execute
+
+    def stuck_execute(task):
+        gate.wait(10)
+        execute(task)
+    device.execute = stuck_execute
+    itt = initiator.submit(bytes(6))               # TEST UNIT READY, held in the backend
+    started = time.monotonic()
+    assert initiator.nop_out(b"ping").data == b"ping"
+    assert time.monotonic() - started < 1.0
+    gate.set()
+    assert initiator.collect(itt, timeout=10).status == GOOD
