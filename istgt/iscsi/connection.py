@@ -19,6 +19,7 @@ from istgt.iscsi import params, pdu as wire, tmf
 from istgt.iscsi.discovery import send_targets
 from istgt.iscsi.login import CLOSE, ENTER_FFP, LoginProcess
 from istgt.iscsi.pdu import Op, ProtocolError, RejectReason
+from istgt.iscsi.reader import ConnectionClosed, PduReader, hexdump
 from istgt.iscsi.transfer import Command, R2tState, extended_cdb, scsi_responses
 from istgt.scsi.command import ScsiTask
 from istgt.scsi.sense import encode_sense
@@ -31,7 +32,6 @@ MAX_WRITE_BUFFER = 64 * 1024 * 1024     # EDTL cap for a write (Block Limits adv
 WRITE_BUDGET = 256 * 1024 * 1024        # write buffers one connection may hold at once
 BUSY = 0x08
 IOV_MAX = 1000
-RECV_BUFFER = 256 * 1024
 MAX_TEXT_REQUEST = 65536                # a (continued) Text request, as for login keys
 OUT_LIMIT = 64 * 1024 * 1024            # answers queued for a peer that does not read them
 MAX_IMMEDIATE = 16                      # immediate commands (outside the CmdSN window) at once
@@ -41,10 +41,6 @@ DATA_PHASE_ERROR = 0x4B00
 PROTOCOL_SERVICE_CRC_ERROR = 0x4705
 RESERVED = wire.RESERVED_TAG
 M32 = 0xFFFFFFFF
-
-
-class ConnectionClosed(Exception):
-    pass
 
 
 _corked = threading.local()
@@ -77,10 +73,6 @@ class _ConnectionLog(logging.LoggerAdapter):
         return f"[{self.extra['who']}] {msg}", kwargs
 
 
-def _hexdump(data: bytes) -> str:
-    return " ".join(data[i:i + 16].hex(" ") for i in range(0, len(data), 16))
-
-
 class Connection:
     def __init__(self, server, sock: socket.socket, peer, local, portal_group_tag: int):
         self.server = server
@@ -111,9 +103,6 @@ class Connection:
         self._to_submit: list = []            # (task, done) not yet handed to the LU
         self._next_ttt = 1                    # guarded by _ttt_lock
         self._ttt_lock = threading.Lock()
-        self._rbuf = bytearray(RECV_BUFFER)
-        self._rview = memoryview(self._rbuf)
-        self._rstart = self._rend = 0         # unread bytes are _rbuf[_rstart:_rend]
         # shared state
         self.lock = threading.Lock()
         self.active: dict[int, Command] = {}  # ITT -> executing command; guarded by lock
@@ -133,9 +122,9 @@ class Connection:
         self._sender_wake = threading.Lock()  # released to wake the parked sender
         self._sender_wake.acquire()
         self.closing = False
-        self.last_rx = time.monotonic()
         self.ping_ttt = None
         self.ping_sent_at = 0.0
+        self.reader = PduReader(sock, self._flush_submissions, self.log)
         self._receiver = threading.Thread(target=self._receive_main, daemon=True,
                                           name=f"conn-rx-{self.peer_ip}:{self.peer_port}")
         self._sender = threading.Thread(target=self._send_main, daemon=True,
@@ -147,109 +136,6 @@ class Connection:
         self._receiver.start()
 
     # ================================================================== receiving
-    # Receiving goes through one reused buffer: a single recv often brings several PDUs
-    # (queue depth > 1), which are then parsed without further system calls. Payloads too
-    # big for the buffer go straight from the socket into their destination.
-    def _fill(self, need: int) -> None:
-        """Make at least `need` bytes available in the receive buffer."""
-        start, end = self._rstart, self._rend
-        if end - start >= need:
-            return
-        if start + need > RECV_BUFFER:
-            self._rview[:end - start] = self._rview[start:end]
-            start, end = 0, end - start
-            self._rstart = 0
-        if self._to_submit:
-            self._flush_submissions()        # about to wait for the peer: start what we have
-        sock = self.sock
-        view = self._rview
-        while end - start < need:
-            n = sock.recv_into(view[end:])
-            if n == 0:
-                self._rend = end
-                raise ConnectionClosed("peer closed the connection")
-            end += n
-        self._rend = end
-
-    def _take(self, n: int) -> bytes:
-        self._fill(n)
-        start = self._rstart
-        self._rstart = start + n
-        return bytes(self._rview[start:start + n])
-
-    def _recv_into(self, view: memoryview) -> None:
-        """Fill `view` exactly: first from the buffer, then directly from the socket."""
-        start = self._rstart
-        buffered = min(len(view), self._rend - start)
-        if buffered:
-            view[:buffered] = self._rview[start:start + buffered]
-            self._rstart = start + buffered
-            view = view[buffered:]
-        if not view:
-            return
-        if len(view) < RECV_BUFFER // 4:
-            self._fill(len(view))
-            start = self._rstart
-            view[:] = self._rview[start:start + len(view)]
-            self._rstart = start + len(view)
-            return
-        self._flush_submissions()
-        sock = self.sock
-        while view:
-            n = sock.recv_into(view, len(view), socket.MSG_WAITALL)
-            if n == 0:
-                raise ConnectionClosed("peer closed the connection")
-            view = view[n:]
-
-    def _recv_bytes(self, n: int):
-        if n <= RECV_BUFFER // 4:
-            return self._take(n)
-        buf = bytearray(n)
-        self._recv_into(memoryview(buf))
-        return buf
-
-    def _read_header(self) -> tuple[bytes, bytes]:
-        bhs = self._take(wire.BHS_LEN)
-        self.last_rx = time.monotonic()
-        if log.isEnabledFor(logging.DEBUG):    # PDU dumps only with -t iscsi
-            self.log.debug("PDU in: %s", _hexdump(bhs))
-        ahs_len = bhs[4] * 4
-        ahs = self._take(ahs_len) if ahs_len else b""
-        if self.header_digest:
-            got = int.from_bytes(self._take(4), "little")
-            crc = wire.crc32c(bhs + ahs) if ahs else wire.crc32c(bhs)
-            if got != crc:
-                # ERL 0: the length fields cannot be trusted, so the stream is lost
-                raise ProtocolError("header digest error")
-        return bhs, ahs
-
-    def _read_data(self, length: int, into: memoryview | None = None):
-        """Read a data segment (and its padding and digest); returns (data, digest_ok)."""
-        if into is None:
-            data = self._recv_bytes(length)
-            view = memoryview(data)
-        else:
-            data = view = into
-            self._recv_into(view)
-        pad = wire.pad_len(length)
-        padding = self._recv_bytes(pad) if pad else b""
-        ok = True
-        if self.data_digest and length:
-            got = int.from_bytes(self._recv_bytes(4), "little")
-            crc = wire.crc32c(view)
-            if pad:
-                crc = wire.crc32c_extend(crc, bytes(padding))
-            ok = got == crc
-        return data, ok
-
-    def _discard_data(self, length: int) -> None:
-        left = length + wire.pad_len(length) + (4 if self.data_digest and length else 0)
-        scratch = memoryview(bytearray(min(left, 1 << 20) or 1))
-        while left:
-            n = min(left, len(scratch))
-            self._recv_into(scratch[:n])
-            left -= n
-
     def _receive_main(self) -> None:
         reason = "closed"
         try:
@@ -274,7 +160,7 @@ class Connection:
         login = LoginProcess(self.server, self)
         first = True
         while not self.closing:
-            bhs, ahs = self._read_header()
+            bhs, ahs = self.reader.read_header()
             pdu = wire.Pdu(bhs, ahs)
             length = pdu.data_length
             if pdu.opcode != Op.LOGIN_REQ:
@@ -285,7 +171,7 @@ class Connection:
                 return False
             if length > LOGIN_MAX_SEGMENT:
                 raise ProtocolError(f"login data segment of {length} bytes")
-            pdu.data, _ = self._read_data(length)
+            pdu.data, _ = self.reader.read_data(length)
             if first:
                 first = False
                 self.cid = pdu.cid
@@ -306,14 +192,14 @@ class Connection:
 
     def _enter_full_feature(self, login) -> None:
         v = self.values
-        self.header_digest = v.header_digest
-        self.data_digest = v.data_digest
+        self.header_digest = self.reader.header_digest = v.header_digest
+        self.data_digest = self.reader.data_digest = v.data_digest
         self.max_send_segment = v.max_recv_data_segment_length_initiator
         self.max_recv_segment = v.max_recv_data_segment_length_target
         self.in_ffp = True
         s = self.session
-        self.log = _ConnectionLog(log, {"who": f"{self.peer_ip} {s.initiator_name} "
-                                               f"TSIH={s.tsih} CID={self.cid}"})
+        self.log = self.reader.log = _ConnectionLog(
+            log, {"who": f"{self.peer_ip} {s.initiator_name} TSIH={s.tsih} CID={self.cid}"})
         if s.discovery:
             log.info("Login(discovery) from %s (%s) on (%s:%d,%d), ISID=%s, TSIH=%d, CID=%d",
                      s.initiator_name, self.peer_ip, self.local_ip, self.local_port,
@@ -334,13 +220,13 @@ class Connection:
             Op.LOGOUT_REQ: self._on_logout,
         }
         while not self.closing:
-            bhs, ahs = self._read_header()
+            bhs, ahs = self.reader.read_header()
             opcode = bhs[0] & 0x3F
             length = (bhs[5] << 16) | (bhs[6] << 8) | bhs[7]
             if length > self.max_recv_segment:
                 if length > HARD_MAX_SEGMENT:
                     raise ProtocolError(f"data segment of {length} bytes")
-                self._discard_data(length)
+                self.reader.discard(length)
                 self.log.warning("data segment of %d bytes over MaxRecvDataSegmentLength %d",
                                  length, self.max_recv_segment)
                 self.send([wire.reject(RejectReason.PROTOCOL_ERROR, bhs)])
@@ -348,7 +234,7 @@ class Connection:
             if opcode == Op.DATA_OUT:
                 self._on_data_out(wire.Pdu(bhs, ahs), length)
                 continue
-            data, ok = self._read_data(length)
+            data, ok = self.reader.read_data(length)
             if not ok:
                 self.log.warning("data digest error from %s", self.peer_ip)
                 self.send([wire.reject(RejectReason.DATA_DIGEST_ERROR, bhs)])
@@ -491,7 +377,7 @@ class Connection:
             cmd = self.writes.get(itt)
             r2t = self.r2ts.get(pdu.ttt) if pdu.ttt != RESERVED else None
         if cmd is None:
-            self._discard_data(length)
+            self.reader.discard(length)
             if itt in self.discarding:
                 if pdu.final:
                     self.discarding.discard(itt)
@@ -506,14 +392,14 @@ class Connection:
         else:
             in_range = offset + length <= cmd.unsolicited_end
         if not in_range:
-            self._discard_data(length)
+            self.reader.discard(length)
             self.send([wire.reject(RejectReason.INVALID_PDU_FIELD, pdu.bhs)])
             return
         expected_sn = r2t.data_sn if r2t is not None else cmd.unsolicited_sn
         if pdu.data_sn != expected_sn:
             # ERL 0 cannot recover a lost or reordered Data-Out: the command fails, the
             # connection goes on (RFC 7143 7.1.4, sense "data phase error")
-            self._discard_data(length)
+            self.reader.discard(length)
             self.log.warning("Data-Out DataSN %d for ITT 0x%08x, expected %d", pdu.data_sn,
                              itt, expected_sn)
             self._fail_gathering(cmd, DATA_PHASE_ERROR)
@@ -522,7 +408,7 @@ class Connection:
             r2t.data_sn += 1
         else:
             cmd.unsolicited_sn += 1
-        _, ok = self._read_data(length, memoryview(cmd.buffer)[offset:offset + length])
+        _, ok = self.reader.read_data(length, memoryview(cmd.buffer)[offset:offset + length])
         if not ok:
             # ERL 0: the data cannot be resent, so the command fails (RFC 7143 7.8)
             self.log.warning("data digest error on Data-Out for ITT 0x%08x", itt)
@@ -636,14 +522,14 @@ class Connection:
         if self.closing:
             return
         if not self.in_ffp:
-            if timeout and now - self.last_rx > timeout:
+            if timeout and now - self.reader.last_rx > timeout:
                 self.close_async("login timed out")
             return
         if self.ping_ttt is not None:
             if timeout and now - self.ping_sent_at > timeout:
                 self.log.warning("no NOP-Out from %s for %d s: closing", self.peer_ip, timeout)
                 self.close_async("ping timeout")
-        elif nop_interval and now - self.last_rx >= nop_interval and \
+        elif nop_interval and now - self.reader.last_rx >= nop_interval and \
                 now - self.ping_sent_at >= nop_interval:
             self.ping()
 
@@ -964,7 +850,7 @@ class Connection:
             sn = 0      # StatSN is reserved in a Data-In without status
         wire.stamp(r, sn, exp, mx)
         if trace:                              # PDU dumps only with -t iscsi
-            self.log.debug("PDU out: %s", _hexdump(r.bhs))
+            self.log.debug("PDU out: %s", hexdump(r.bhs))
 
     def _append_pdu(self, bufs: list, r) -> None:
         bufs.append(r.bhs)

@@ -1,0 +1,141 @@
+"""The read side of one connection: PDUs from the socket through one reused buffer.
+
+A single recv often brings several PDUs (queue depth > 1), which are then parsed without
+further system calls. Payloads too big for the buffer go straight from the socket into their
+destination (a write command's buffer).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+from istgt.iscsi import pdu as wire
+from istgt.iscsi.pdu import ProtocolError
+
+log = logging.getLogger("istgt.iscsi")
+
+RECV_BUFFER = 256 * 1024
+
+
+class ConnectionClosed(Exception):
+    pass
+
+
+def hexdump(data: bytes) -> str:
+    return " ".join(data[i:i + 16].hex(" ") for i in range(0, len(data), 16))
+
+
+class PduReader:
+    def __init__(self, sock: socket.socket, before_blocking, conn_log):
+        self.sock = sock
+        self.before_blocking = before_blocking   # called before the reader waits on the peer
+        self.log = conn_log
+        self.header_digest = False
+        self.data_digest = False
+        self.last_rx = time.monotonic()          # when the last PDU header arrived
+        self._buf = memoryview(bytearray(RECV_BUFFER))
+        self._start = self._end = 0              # unread bytes are _buf[_start:_end]
+
+    def _fill(self, need: int) -> None:
+        """Make at least `need` bytes available in the buffer."""
+        start, end = self._start, self._end
+        if end - start >= need:
+            return
+        if start + need > RECV_BUFFER:
+            self._buf[:end - start] = self._buf[start:end]
+            start, end = 0, end - start
+            self._start = 0
+        self.before_blocking()
+        sock = self.sock
+        view = self._buf
+        while end - start < need:
+            n = sock.recv_into(view[end:])
+            if n == 0:
+                self._end = end
+                raise ConnectionClosed("peer closed the connection")
+            end += n
+        self._end = end
+
+    def _take(self, n: int) -> bytes:
+        self._fill(n)
+        start = self._start
+        self._start = start + n
+        return bytes(self._buf[start:start + n])
+
+    def recv_into(self, view: memoryview) -> None:
+        """Fill `view` exactly: first from the buffer, then directly from the socket."""
+        start = self._start
+        buffered = min(len(view), self._end - start)
+        if buffered:
+            view[:buffered] = self._buf[start:start + buffered]
+            self._start = start + buffered
+            view = view[buffered:]
+        if not view:
+            return
+        if len(view) < RECV_BUFFER // 4:
+            self._fill(len(view))
+            start = self._start
+            view[:] = self._buf[start:start + len(view)]
+            self._start = start + len(view)
+            return
+        self.before_blocking()
+        sock = self.sock
+        while view:
+            n = sock.recv_into(view, len(view), socket.MSG_WAITALL)
+            if n == 0:
+                raise ConnectionClosed("peer closed the connection")
+            view = view[n:]
+
+    def _recv_bytes(self, n: int):
+        if n <= RECV_BUFFER // 4:
+            return self._take(n)
+        buf = bytearray(n)
+        self.recv_into(memoryview(buf))
+        return buf
+
+    def read_header(self) -> tuple[bytes, bytes]:
+        """The next BHS and its AHS; a header digest error ends the stream (ERL 0)."""
+        bhs = self._take(wire.BHS_LEN)
+        self.last_rx = time.monotonic()
+        if log.isEnabledFor(logging.DEBUG):    # PDU dumps only with -t iscsi
+            self.log.debug("PDU in: %s", hexdump(bhs))
+        ahs_len = bhs[4] * 4
+        ahs = self._take(ahs_len) if ahs_len else b""
+        if self.header_digest:
+            got = int.from_bytes(self._take(4), "little")
+            crc = wire.crc32c(bhs + ahs) if ahs else wire.crc32c(bhs)
+            if got != crc:
+                # the length fields cannot be trusted, so the stream is lost
+                raise ProtocolError("header digest error")
+        return bhs, ahs
+
+    def read_data(self, length: int, into: memoryview | None = None):
+        """A data segment (with its padding and digest) -> (data, digest_ok); `into`
+        receives it in place."""
+        if into is None:
+            data = self._recv_bytes(length)
+            view = memoryview(data)
+        else:
+            data = view = into
+            self.recv_into(view)
+        pad = wire.pad_len(length)
+        padding = self._recv_bytes(pad) if pad else b""
+        ok = True
+        if self.data_digest and length:
+            got = int.from_bytes(self._recv_bytes(4), "little")
+            crc = wire.crc32c(view)
+            if pad:
+                crc = wire.crc32c_extend(crc, bytes(padding))
+            ok = got == crc
+        return data, ok
+
+    def discard(self, length: int) -> None:
+        """Skip a data segment (with padding and digest)."""
+        left = length + wire.pad_len(length) + (4 if self.data_digest and length else 0)
+        scratch = memoryview(bytearray(min(left, 1 << 20) or 1))
+        while left:
+            n = min(left, len(scratch))
+            self.recv_into(scratch[:n])
+            left -= n
