@@ -13,13 +13,13 @@ import logging
 import socket
 import threading
 import time
-from collections import deque
 
 from istgt.iscsi import params, pdu as wire, tmf
 from istgt.iscsi.discovery import send_targets
 from istgt.iscsi.login import CLOSE, ENTER_FFP, LoginProcess
 from istgt.iscsi.pdu import Op, ProtocolError, RejectReason
-from istgt.iscsi.reader import ConnectionClosed, PduReader, hexdump
+from istgt.iscsi.reader import ConnectionClosed, PduReader
+from istgt.iscsi.writer import OUT_LIMIT, PduWriter
 from istgt.iscsi.transfer import Command, R2tState, extended_cdb, scsi_responses
 from istgt.scsi.command import ScsiTask
 from istgt.scsi.sense import encode_sense
@@ -31,9 +31,7 @@ HARD_MAX_SEGMENT = 16 * 1024 * 1024     # beyond this a length cannot be resynch
 MAX_WRITE_BUFFER = 64 * 1024 * 1024     # EDTL cap for a write (Block Limits advertises less)
 WRITE_BUDGET = 256 * 1024 * 1024        # write buffers one connection may hold at once
 BUSY = 0x08
-IOV_MAX = 1000
 MAX_TEXT_REQUEST = 65536                # a (continued) Text request, as for login keys
-OUT_LIMIT = 64 * 1024 * 1024            # answers queued for a peer that does not read them
 MAX_IMMEDIATE = 16                      # immediate commands (outside the CmdSN window) at once
 CHECK_CONDITION = 0x02
 ABORTED_COMMAND = 0x0B
@@ -60,10 +58,7 @@ def corked():
     finally:
         _corked.pending = None
         for conn in pending:
-            try:
-                conn.send(())
-            finally:
-                conn._deferred_done()
+            conn._flush_corked()
 
 
 class _ConnectionLog(logging.LoggerAdapter):
@@ -84,7 +79,6 @@ class Connection:
         self.portal_group_tag = portal_group_tag
         self.log = _ConnectionLog(log, {"who": f"{self.peer_ip}:{self.peer_port}"})
         self.cid = 0
-        self.login_cmdsn = 0
         self.session = None
         self.values = None
         self.in_ffp = False
@@ -92,7 +86,6 @@ class Connection:
         self.data_digest = False
         self.max_send_segment = 8192          # the initiator's MaxRecvDataSegmentLength
         self.max_recv_segment = LOGIN_MAX_SEGMENT
-        self.stat_sn = 0                      # touched by the sender only after login
         # receiver-thread state
         self.writes: dict[int, Command] = {}  # ITT -> command gathering Data-Out
         self.r2ts: dict[int, R2tState] = {}   # TTT -> outstanding R2T
@@ -109,30 +102,18 @@ class Connection:
         self.buffered = 0                     # bytes of write buffers held; guarded by lock
         self._deferred = 0                    # corked answers not yet written; guarded by lock
         self.idle = threading.Condition(self.lock)
-        self._out_lock = threading.Lock()
-        self._outq: deque = deque()           # guarded by _out_lock
-        self._send_stop = False               # guarded by _out_lock
-        self._sender_parked = False           # guarded by _out_lock
-        self._writing = False                 # a thread holds the writer token; _out_lock
-        self._token_to_sender = False         # ... and it is the sender thread; _out_lock
-        self._leftover = None                 # encoded bytes the sender must write first
-        self._leftover_size = 0
-        self._unsent = 0                      # bytes queued but not yet written; _out_lock
-        self._drained = threading.Condition(self._out_lock)
-        self._sender_wake = threading.Lock()  # released to wake the parked sender
-        self._sender_wake.acquire()
         self.closing = False
         self.ping_ttt = None
         self.ping_sent_at = 0.0
         self.reader = PduReader(sock, self._flush_submissions, self.log)
+        self.writer = PduWriter(sock, self.log, lambda: self.close_async("send failed"),
+                                f"conn-tx-{self.peer_ip}:{self.peer_port}")
         self._receiver = threading.Thread(target=self._receive_main, daemon=True,
                                           name=f"conn-rx-{self.peer_ip}:{self.peer_port}")
-        self._sender = threading.Thread(target=self._send_main, daemon=True,
-                                        name=f"conn-tx-{self.peer_ip}:{self.peer_port}")
         self.finished = threading.Event()
 
     def start(self) -> None:
-        self._sender.start()
+        self.writer.start()
         self._receiver.start()
 
     # ================================================================== receiving
@@ -167,7 +148,7 @@ class Connection:
                 # RFC 7143 6.1: only Login is valid before full feature phase (istgt bug B1)
                 self.log.warning("opcode 0x%02x from %s before login completed",
                                  pdu.opcode, self.peer_ip)
-                self._send_and_wait(wire.reject(RejectReason.PROTOCOL_ERROR, bhs))
+                self.writer.send_and_wait(wire.reject(RejectReason.PROTOCOL_ERROR, bhs))
                 return False
             if length > LOGIN_MAX_SEGMENT:
                 raise ProtocolError(f"login data segment of {length} bytes")
@@ -175,16 +156,16 @@ class Connection:
             if first:
                 first = False
                 self.cid = pdu.cid
-                self.login_cmdsn = pdu.cmdsn
-                self.stat_sn = pdu.exp_statsn
+                self.writer.login_cmdsn = pdu.cmdsn
+                self.writer.stat_sn = pdu.exp_statsn
             result = login.handle(pdu)
             if result.outcome == CLOSE:
-                self._send_and_wait(result.response)
+                self.writer.send_and_wait(result.response)
                 return False
             if result.outcome == ENTER_FFP:
-                self.session = result.session
+                self.session = self.writer.session = result.session
                 self.values = result.values
-                self._send_and_wait(result.response)
+                self.writer.send_and_wait(result.response)
                 self._enter_full_feature(login)
                 return True
             self.send([result.response])
@@ -192,13 +173,14 @@ class Connection:
 
     def _enter_full_feature(self, login) -> None:
         v = self.values
-        self.header_digest = self.reader.header_digest = v.header_digest
-        self.data_digest = self.reader.data_digest = v.data_digest
+        self.header_digest = self.reader.header_digest = self.writer.header_digest = \
+            v.header_digest
+        self.data_digest = self.reader.data_digest = self.writer.data_digest = v.data_digest
         self.max_send_segment = v.max_recv_data_segment_length_initiator
         self.max_recv_segment = v.max_recv_data_segment_length_target
         self.in_ffp = True
         s = self.session
-        self.log = self.reader.log = _ConnectionLog(
+        self.log = self.reader.log = self.writer.log = _ConnectionLog(
             log, {"who": f"{self.peer_ip} {s.initiator_name} TSIH={s.tsih} CID={self.cid}"})
         if s.discovery:
             log.info("Login(discovery) from %s (%s) on (%s:%d,%d), ISID=%s, TSIH=%d, CID=%d",
@@ -242,9 +224,9 @@ class Connection:
             pdu = wire.Pdu(bhs, ahs, data)
             if opcode != Op.SCSI_CMD:
                 self._flush_submissions()        # a TMF or Logout must see every command
-            if self._unsent > OUT_LIMIT:
+            if self.writer.backlog > OUT_LIMIT:
                 self._flush_submissions()
-                self._wait_for_reader()
+                self.writer.wait_for_reader(self.server.config.global_.timeout or 60)
             handler = handlers.get(opcode)
             if handler is None:
                 self._unsupported(pdu)
@@ -693,222 +675,24 @@ class Connection:
                 self.idle.wait(left)
 
     # ================================================================== sending
-    # Exactly one thread writes at a time: whoever holds the writer token (_writing). A thread
-    # that queues responses while nobody writes takes the token and tries the write itself
-    # without blocking (MSG_DONTWAIT), saving a hand-off to the sender; whatever the socket
-    # does not take at once, and any PDU with an after-send action, goes to the sender thread,
-    # which alone blocks on the socket, so a slow initiator never holds up an LU worker.
     def send(self, responses) -> None:
+        """Queue answers for the initiator. Inside a corked() block they are written when the
+        block ends (one write for a worker's whole batch); otherwise at once if possible."""
         pending = getattr(_corked, "pending", None)
-        if pending is not None:
-            with self._out_lock:
-                self._outq.extend(responses)
-                self._unsent += _wire_size(responses)
-            if self not in pending:
-                pending.append(self)             # written when the corked block ends
-                with self.lock:
-                    self._deferred += 1          # teardown waits for that write
+        if pending is None:
+            self.writer.send(responses)
             return
-        with self._out_lock:
-            self._outq.extend(responses)
-            self._unsent += _wire_size(responses)
-            if self._writing or self._send_stop or not self._outq:
-                return              # the token holder drains the queue before letting go
-            self._writing = True
-            batch = self._outq
-            self._outq = deque()
+        self.writer.queue(responses)
+        if self not in pending:
+            pending.append(self)
+            with self.lock:
+                self._deferred += 1          # teardown waits for that write
+
+    def _flush_corked(self) -> None:
         try:
-            while True:
-                if any(r.after_send is not None for r in batch):
-                    self._hand_to_sender(batch, None, 0)
-                    return
-                size = _wire_size(batch)
-                rest = self._sendmsg(self._encode(batch), blocking=False)
-                if rest:
-                    self._hand_to_sender(None, rest, size)
-                    return
-                with self._out_lock:
-                    self._written(size)
-                    if not self._outq:
-                        self._writing = False
-                        return
-                    batch = self._outq
-                    self._outq = deque()
-        except OSError as e:
-            with self._out_lock:
-                self._writing = False
-            self._send_failed(e)
-
-    def _written(self, size: int) -> None:
-        """`size` bytes went out (call with _out_lock held)."""
-        self._unsent -= size
-        if self._unsent <= OUT_LIMIT // 2:
-            self._drained.notify_all()
-
-    def _wait_for_reader(self) -> None:
-        """Stop reading requests while too many answers wait for a peer that does not read
-        them; a peer that reads nothing for Timeout seconds loses the connection."""
-        timeout = self.server.config.global_.timeout or 60
-        deadline = time.monotonic() + timeout
-        with self._out_lock:
-            while self._unsent > OUT_LIMIT // 2 and not self._send_stop:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ProtocolError(f"the initiator read no answers for {timeout} s")
-                self._drained.wait(left)
-
-    def _hand_to_sender(self, batch, leftover, leftover_size: int) -> None:
-        """Give the writer token to the sender thread with what is still to be written."""
-        with self._out_lock:
-            if batch is not None:
-                batch.extend(self._outq)
-                self._outq = batch
-            self._leftover = leftover
-            self._leftover_size = leftover_size
-            self._token_to_sender = True
-            if self._sender_parked:
-                self._sender_parked = False
-                self._sender_wake.release()
-
-    def _send_and_wait(self, response) -> None:
-        done = threading.Event()
-        prev = response.after_send
-
-        def mark():
-            if prev:
-                prev()
-            done.set()
-        response.after_send = mark
-        self.send([response])
-        done.wait(30)
-
-    def _send_main(self) -> None:
-        try:
-            while True:
-                with self._out_lock:
-                    owns_token = self._token_to_sender
-                    if owns_token:
-                        leftover, self._leftover = self._leftover, None
-                        leftover_size = self._leftover_size
-                    elif self._send_stop:
-                        return
-                    else:
-                        self._sender_parked = True
-                if not owns_token:
-                    self._sender_wake.acquire()
-                    continue
-                if leftover:
-                    self._sendmsg(leftover, blocking=True)
-                    with self._out_lock:
-                        self._written(leftover_size)
-                while True:
-                    with self._out_lock:
-                        if not self._outq:
-                            self._writing = self._token_to_sender = False
-                            break
-                        batch = self._outq
-                        self._outq = deque()
-                    self._write_batch(batch)
-                    with self._out_lock:
-                        self._written(_wire_size(batch))
-        except OSError as e:
-            self._send_failed(e)
+            self.writer.send(())
         finally:
-            with self._out_lock:
-                self._send_stop = True
-                self._writing = self._token_to_sender = False
-                self._outq.clear()
-                self._unsent = 0
-                self._drained.notify_all()
-
-    def _send_failed(self, error: OSError) -> None:
-        self.log.debug("send to %s failed: %s", self.peer_ip, error)
-        self.close_async("send failed")
-
-    def _encode(self, batch) -> list:
-        """Stamp the sequence numbers and lay out headers, data, padding and digests."""
-        bufs = []
-        session = self.session
-        trace = log.isEnabledFor(logging.DEBUG)
-        for r in batch:
-            self._stamp(r, session, trace)
-            self._append_pdu(bufs, r)
-        return bufs
-
-    def _stamp(self, r, session, trace: bool) -> None:
-        if session is not None:
-            with session.lock:
-                if r.ends_command:
-                    session.max_cmdsn = (session.max_cmdsn + 1) & M32
-                exp, mx = session.exp_cmdsn, session.max_cmdsn
-        else:
-            exp = mx = self.login_cmdsn
-        sn = self.stat_sn
-        if r.takes_statsn:
-            self.stat_sn = (sn + 1) & M32
-        elif r.bhs[0] == Op.DATA_IN:
-            sn = 0      # StatSN is reserved in a Data-In without status
-        wire.stamp(r, sn, exp, mx)
-        if trace:                              # PDU dumps only with -t iscsi
-            self.log.debug("PDU out: %s", hexdump(r.bhs))
-
-    def _append_pdu(self, bufs: list, r) -> None:
-        bufs.append(r.bhs)
-        if self.header_digest:
-            bufs.append(wire.digest_bytes(wire.crc32c(bytes(r.bhs))))
-        data = r.data
-        if data:
-            n = len(data)
-            bufs.append(data)
-            pad = wire.PADDING[n & 3]
-            if pad:
-                bufs.append(pad)
-            if self.data_digest:
-                crc = wire.crc32c(data)
-                if pad:
-                    crc = wire.crc32c_extend(crc, pad)
-                bufs.append(wire.digest_bytes(crc))
-
-    def _write_batch(self, batch) -> None:
-        """The sender's blocking write; runs after-send actions once their PDU is out."""
-        pending = []
-        for r in batch:
-            pending.append(r)
-            if r.after_send is not None:
-                # write now: the action may change digests or close the socket
-                self._sendmsg(self._encode(pending), blocking=True)
-                pending = []
-                r.after_send()
-        if pending:
-            self._sendmsg(self._encode(pending), blocking=True)
-
-    def _sendmsg(self, bufs: list, blocking: bool) -> list | None:
-        """Write `bufs`; without blocking, return what the socket did not take (or None)."""
-        sock = self.sock
-        flags = 0 if blocking else socket.MSG_DONTWAIT
-        while bufs:
-            chunk = bufs[:IOV_MAX]
-            try:
-                sent = sock.sendmsg(chunk, (), flags)
-            except BlockingIOError:
-                return bufs
-            total = sum(len(b) for b in chunk)
-            if sent == total:
-                bufs = bufs[IOV_MAX:]
-                continue
-            # partial send: drop what went out and go on with the rest
-            rest = []
-            for b in chunk:
-                n = len(b)
-                if sent >= n:
-                    sent -= n
-                    continue
-                rest.append(memoryview(b)[sent:] if sent else b)
-                sent = 0
-            bufs = rest + bufs[IOV_MAX:]
-            if not blocking:
-                return bufs
-        return None
+            self._deferred_done()
 
     # ================================================================== teardown
     def close_async(self, reason: str, force: bool = False) -> None:
@@ -931,22 +715,12 @@ class Connection:
         self._wait_idle(30)
         if self.session is not None:
             self.abort_writes(lambda c: True)
-        with self._out_lock:
-            self._send_stop = True
-            if self._sender_parked:
-                self._sender_parked = False
-                self._sender_wake.release()
-        self._sender.join(10)
+        self.writer.stop(10)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)   # also ends a write still blocked on it
         except OSError:
             pass
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            with self._out_lock:
-                if not self._writing:
-                    break
-            time.sleep(0.01)      # a worker is finishing a write: its fd must stay valid
+        self.writer.wait_no_writer(5)
         self.sock.close()
         s = self.session
         if s is not None and s.remove_connection(self):
@@ -956,10 +730,6 @@ class Connection:
             log.info("session TSIH %d of %s ended (%s)", s.tsih, s.initiator_port, reason)
         self.server.connection_closed(self)
         self.finished.set()
-
-
-def _wire_size(responses) -> int:
-    return sum(wire.BHS_LEN + len(r.data) for r in responses)
 
 
 def _plain_ip(ip: str) -> str:

@@ -249,7 +249,7 @@ class LoginProcess:
                           target_name=self.target_name,
                           portal_group_tag=conn.portal_group_tag,
                           discovery=self.discovery, values=values, window=window,
-                          first_cmdsn=conn.login_cmdsn, nexus=nexus)
+                          first_cmdsn=conn.writer.login_cmdsn, nexus=nexus)
         replaced = self.server.sessions.register(session)
         for old in replaced:
             log.warning("session reinstatement: closing TSIH %d of %s", old.tsih,
