@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from istgt.config import IscsiParams
 from istgt.iscsi.params import (
     IRRELEVANT,
     NOT_UNDERSTOOD,
@@ -34,22 +35,9 @@ from istgt.iscsi.params import (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """Stand-in for istgt.config.IscsiParams (duck-typed)."""
-
-    max_outstanding_r2t: int = 16
-    default_time2wait: int = 2
-    default_time2retain: int = 20
-    first_burst_length: int = 65536
-    max_burst_length: int = 262144
-    max_recv_data_segment_length: int = 262144
-    initial_r2t: bool = True
-    immediate_data: bool = True
-    data_pdu_in_order: bool = True
-    data_sequence_in_order: bool = True
-    error_recovery_level: int = 0
-    max_connections: int = 4
+def Limits(**overrides) -> IscsiParams:
+    """The target's configured values; the tests' default receive limit is 256 KiB."""
+    return IscsiParams(**{"max_recv_data_segment_length": 262144, **overrides})
 
 
 OP = Phase.OPERATIONAL
