@@ -1,8 +1,12 @@
-"""Bounded resources: write buffers held by one connection are capped (istgt bug B20)."""
+"""Bounded resources (write buffers, immediate commands) and a slow backend kept apart from
+the connection's own answers."""
 
 import struct
+import threading
+import time
 
-from istgt.iscsi.connection import MAX_WRITE_BUFFER, WRITE_BUDGET
+from istgt.iscsi.connection import MAX_IMMEDIATE, MAX_WRITE_BUFFER, WRITE_BUDGET
+from tests.functional.initiator import REJECT
 
 GOOD, BUSY = 0x00, 0x08
 
@@ -27,24 +31,24 @@ def test_write_buffers_beyond_the_budget_get_busy(target):
     initiator.violations.clear()   # they were the point of the test, not target faults
 
 
-def test_immediate_commands_beyond_the_bound_are_rejected(target):
-    """Immediate commands bypass the CmdSN window, so their number in flight is bounded:
-    beyond it the target answers Reject (immediate command reject, 0x06)."""
-    import threading
-    import time
-
-    from istgt.iscsi.connection import MAX_IMMEDIATE
-    from tests.functional.initiator import REJECT
-
-    initiator = target.session()
+def hold_backend(target) -> threading.Event:
+    """Make LUN 0 of the in-process target wait in its backend until the event is set."""
     device = target.server.units[1].devices[0]
     gate = threading.Event()
     execute = device.execute
 
     def held_execute(task):
-        gate.wait(5)
+        gate.wait(10)
         execute(task)
     device.execute = held_execute
+    return gate
+
+
+def test_immediate_commands_beyond_the_bound_are_rejected(target):
+    """Immediate commands bypass the CmdSN window, so their number in flight is bounded:
+    beyond it the target answers Reject (immediate command reject, 0x06)."""
+    initiator = target.session()
+    gate = hold_backend(target)
     itts = [initiator.submit(bytes(6), immediate=True) for _ in range(MAX_IMMEDIATE + 2)]
     rejects = []
     deadline = time.monotonic() + 5
@@ -63,18 +67,8 @@ def test_immediate_commands_beyond_the_bound_are_rejected(target):
 def test_a_slow_backend_does_not_delay_nop_out_answers(target):
     """Commands run on the LU's workers, never on the connection's threads: a NOP-Out is
     answered at once while a command on the same connection is stuck in the backend."""
-    import threading
-    import time
-
     initiator = target.session()
-    device = target.server.units[1].devices[0]
-    gate = threading.Event()
-    execute = device.execute
-
-    def stuck_execute(task):
-        gate.wait(10)
-        execute(task)
-    device.execute = stuck_execute
+    gate = hold_backend(target)
     itt = initiator.submit(bytes(6))               # TEST UNIT READY, held in the backend
     started = time.monotonic()
     assert initiator.nop_out(b"ping").data == b"ping"
