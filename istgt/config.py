@@ -116,6 +116,7 @@ class GlobalConfig:
     pid_file: str = DEFAULT_PID_FILE
     auth_file: str = "auth.conf"
     media_directory: str = DEFAULT_MEDIA_DIRECTORY
+    state_directory: str | None = None  # persistent-reservation state (APTPL); None = no APTPL
     log_facility: str = DEFAULT_LOG_FACILITY
     timeout: int = 60
     nop_in_interval: int = 20
@@ -584,7 +585,8 @@ _ISCSI_KEYS = frozenset(
 _GLOBAL_KEYS = _ISCSI_KEYS | frozenset(
     key.casefold()
     for key in (
-        "Comment", "NodeBase", "PidFile", "AuthFile", "MediaDirectory", "LogFacility",
+        "Comment", "NodeBase", "PidFile", "AuthFile", "MediaDirectory", "StateDirectory",
+        "LogFacility",
         "Timeout", "NopInInterval", "MaxR2T", "DiscoveryAuthMethod", "DiscoveryAuthGroup",
         "MaxSessions", "MaxConnections",
     )
@@ -684,6 +686,7 @@ def _global(conf: ConfFile) -> GlobalConfig:
             "AuthFile", os.path.join(os.path.dirname(conf.path), "auth.conf")
         ),
         media_directory=reader.string("MediaDirectory", DEFAULT_MEDIA_DIRECTORY),
+        state_directory=reader.string("StateDirectory", "") or None,
         log_facility=facility,
         timeout=reader.integer("Timeout", 60, 0),
         nop_in_interval=reader.integer("NopInInterval", 20, 0),

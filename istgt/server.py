@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -10,6 +11,7 @@ import time
 from istgt.iscsi.connection import Connection, corked
 from istgt.iscsi.session import SessionRegistry
 from istgt.lu.backends import BackendError, FileBackend
+from istgt.lu.state import StateFile
 from istgt.lu.unit import LogicalUnit
 
 log = logging.getLogger("istgt")
@@ -25,7 +27,8 @@ class StartupError(Exception):
     """A logical unit or portal could not be set up; the message says which and why."""
 
 
-def build_logical_unit(lu_config, max_sessions: int) -> LogicalUnit:
+def build_logical_unit(lu_config, max_sessions: int, state_directory: str | None = None
+                       ) -> LogicalUnit:
     from istgt.scsi.sbc import DiskDevice
     if lu_config.unit_type != "disk":
         raise StartupError(f"LU{lu_config.number} ({lu_config.name}): UnitType "
@@ -35,7 +38,16 @@ def build_logical_unit(lu_config, max_sessions: int) -> LogicalUnit:
         for number, lun in sorted(lu_config.luns.items()):
             backend = FileBackend.open(lun.path, lun.size, lu_config.read_only,
                                        lu_config.block_length)
-            devices[number] = DiskDevice(lu_config, lun, backend)
+            state = None
+            if state_directory is not None:
+                state = StateFile(os.path.join(state_directory,
+                                               f"{lu_config.name}.lun{number}.pr.json"))
+            try:
+                devices[number] = DiskDevice(lu_config, lun, backend, state)
+            except ValueError as e:
+                backend.close()
+                raise StartupError(f"LU{lu_config.number} ({lu_config.name}) LUN{number}: "
+                                   f"saved reservations unreadable: {e}") from None
     except BackendError as e:
         for d in devices.values():
             d.close()
@@ -70,8 +82,14 @@ class Server:
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
         try:
+            state_directory = g.state_directory
+            if state_directory is not None:
+                try:
+                    os.makedirs(state_directory, mode=0o700, exist_ok=True)
+                except OSError as e:
+                    raise StartupError(f"StateDirectory {state_directory}: {e.strerror}") from None
             for number, lu_config in sorted(config.logical_units.items()):
-                unit = build_logical_unit(lu_config, g.max_sessions)
+                unit = build_logical_unit(lu_config, g.max_sessions, state_directory)
                 self.units[number] = unit
                 self._by_name[lu_config.name.lower()] = unit
         except StartupError:

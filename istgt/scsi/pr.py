@@ -411,7 +411,11 @@ class ReservationState:
         state_changed: Callable[[], None] | None = None,
         target_ports: Callable[[], Mapping[int, str]] | None = None,
         max_registrations: int = MAX_REGISTRATIONS,
+        aptpl_supported: bool = True,
     ) -> None:
+        # aptpl_supported: the owner can persist state_changed's snapshot (a state directory
+        # is configured); without it APTPL=1 is refused rather than silently not kept
+        self.aptpl_supported = aptpl_supported
         self.raise_ua = raise_ua
         self.on_preempt_abort = on_preempt_abort
         self.state_changed = state_changed
@@ -504,7 +508,7 @@ class ReservationState:
 
     def _report_capabilities(self) -> bytes:
         # CRH, SIP_C, ATP_C, PTPL_C; TMV, ALLOW COMMANDS, PTPL_A; the six types.
-        flags = 0x10 | 0x08 | 0x04 | 0x01
+        flags = 0x10 | 0x08 | 0x04 | (0x01 if self.aptpl_supported else 0)
         state = 0x80 | ALLOW_COMMANDS << 4 | (0x01 if self._aptpl else 0)
         type_mask = 0x80 | 0x40 | 0x20 | 0x08 | 0x02  # WE-AR, EA-RO, WE-RO, EA, WE
         return struct.pack(">HBBBBxx", 8, flags, state, type_mask, 0x01)  # 0x01: EA-AR
@@ -568,6 +572,8 @@ class ReservationState:
         key, service_action_key = u64(data, 0), u64(data, 8)
         flags = data[20]
         spec_i_pt, all_tg_pt, aptpl = bool(flags & 0x08), bool(flags & 0x04), bool(flags & 0x01)
+        if aptpl and not self.aptpl_supported:
+            raise invalid_field_in_parameter_list(20, 0)
         if spec_i_pt and action is PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY:
             raise invalid_field_in_parameter_list(20, 3)
         if spec_i_pt and action is PrOutAction.REGISTER:
@@ -760,6 +766,8 @@ class ReservationState:
             raise _parameter_list_length_error()
         key, service_action_key = u64(data, 0), u64(data, 8)
         unregister, aptpl = bool(data[17] & 0x02), bool(data[17] & 0x01)
+        if aptpl and not self.aptpl_supported:
+            raise invalid_field_in_parameter_list(17, 0)
         relative_port_id = u16(data, 18)
         end = REGISTER_AND_MOVE_HEADER_LENGTH + u32(data, 20)
         if end > len(data):
@@ -873,10 +881,15 @@ class ReservationState:
                     self.raise_ua(pattern, asc)
             if effects.aborted and self.on_preempt_abort is not None:
                 self.on_preempt_abort(frozenset(effects.aborted))
-            if effects.changed and self.state_changed is not None:
-                self.state_changed()
         except Exception:  # noqa: BLE001 - the PR change is done; report it as such
             log.exception("persistent reservation callback failed")
+        if effects.changed and self.state_changed is not None:
+            try:
+                self.state_changed()
+            except OSError as exc:
+                # the change is in effect but could not be made to persist: never GOOD then
+                log.error("persistent reservation state not saved: %s", exc)
+                raise CheckCondition(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE) from None
 
     # --- SPC-2 RESERVE / RELEASE -----------------------------------------------------------
 

@@ -74,7 +74,9 @@ class DiskDevice:
     peripheral_type = PeripheralDeviceType.DIRECT_ACCESS
     removable = False
 
-    def __init__(self, lu: Any, lun: Any, backend: Any) -> None:
+    def __init__(self, lu: Any, lun: Any, backend: Any, pr_state: Any = None) -> None:
+        """`pr_state`: a lu.state.StateFile keeping persistent reservations made with APTPL
+        across restarts; without one APTPL=1 is refused."""
         self.backend = backend
         self.block_length: int = int(_attr(lu, "block_length", 512))
         self.block_count: int = backend.size // self.block_length
@@ -119,10 +121,17 @@ class DiskDevice:
         # Set by the owning LogicalUnit: abort this LUN's tasks from the given nexus patterns
         # (PREEMPT AND ABORT); it must not wait for the running PR OUT itself.
         self.abort_nexuses: Any = None
+        self._pr_state = pr_state
         self.reservations = pr.ReservationState(
             raise_ua=self._reservation_unit_attention,
             on_preempt_abort=self._preempt_abort,
+            state_changed=self._save_reservations if pr_state is not None else None,
+            aptpl_supported=pr_state is not None,
         )
+        if pr_state is not None:
+            saved = pr_state.load()          # ValueError: the caller refuses to start
+            if saved is not None:
+                self.reservations.restore(saved)
 
     # --- public API -----------------------------------------------------------------
 
@@ -260,6 +269,12 @@ class DiskDevice:
             for nexus, pending in self._unit_attentions.items():
                 if pr.nexus_matches(pattern, nexus) and asc not in pending:
                     pending.append(asc)
+
+    def _save_reservations(self) -> None:
+        if self.reservations.persist_through_power_loss:
+            self._pr_state.save(self.reservations.snapshot)
+        else:
+            self._pr_state.remove()          # APTPL off: nothing may come back after a restart
 
     def _preempt_abort(self, patterns: frozenset[ITNexus]) -> None:
         if self.abort_nexuses is not None:
