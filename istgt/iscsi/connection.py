@@ -82,8 +82,6 @@ class Connection:
         self.session = None
         self.values = None
         self.in_ffp = False
-        self.header_digest = False
-        self.data_digest = False
         self.max_send_segment = 8192          # the initiator's MaxRecvDataSegmentLength
         self.max_recv_segment = LOGIN_MAX_SEGMENT
         # receiver-thread state
@@ -173,9 +171,9 @@ class Connection:
 
     def _enter_full_feature(self, login) -> None:
         v = self.values
-        self.header_digest = self.reader.header_digest = self.writer.header_digest = \
-            v.header_digest
-        self.data_digest = self.reader.data_digest = self.writer.data_digest = v.data_digest
+        # digests start with the first PDU after the final Login Response, both ways
+        self.reader.header_digest = self.writer.header_digest = v.header_digest
+        self.reader.data_digest = self.writer.data_digest = v.data_digest
         self.max_send_segment = v.max_recv_data_segment_length_initiator
         self.max_recv_segment = v.max_recv_data_segment_length_target
         self.in_ffp = True
@@ -191,8 +189,8 @@ class Connection:
                      "HeaderDigest=%s, DataDigest=%s", s.initiator_name, self.peer_ip,
                      s.target_name, s.target.number, self.local_ip, self.local_port,
                      self.portal_group_tag, s.isid.hex(), s.tsih, self.cid,
-                     "on" if self.header_digest else "off",
-                     "on" if self.data_digest else "off")
+                     "on" if v.header_digest else "off",
+                     "on" if v.data_digest else "off")
 
     # ------------------------------------------------------------------ full feature
     def _full_feature(self) -> None:
