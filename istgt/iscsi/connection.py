@@ -290,12 +290,9 @@ class Connection:
                 self.buffered += edtl
         if over_budget:
             # memory for Data-Out is bounded (istgt bug B20): ask the initiator to retry
-            cmd.task.status = BUSY
             if not pdu.final:
                 self.discarding.add(itt)
-            with self.lock:
-                self.active[itt] = cmd
-            self._task_done(cmd, cmd.task, False)
+            self._answer_now(cmd, BUSY)
             return
         if len(immediate) == edtl:
             cmd.buffer = immediate          # all of it came with the command: no copy
@@ -315,15 +312,19 @@ class Connection:
             self.writes[itt] = cmd
         self._issue_r2ts(cmd)
 
-    def _fail_early(self, cmd, pdu, key: int, asc: int) -> None:
-        """Answer CHECK CONDITION without executing; any unsolicited data is thrown away."""
-        cmd.task.status = CHECK_CONDITION
-        cmd.task.sense = encode_sense(key, asc)
-        if pdu.write_bit and not pdu.final:
-            self.discarding.add(cmd.itt)
+    def _answer_now(self, cmd, status: int, sense: bytes = b"") -> None:
+        """Answer a command without executing it (it goes through the normal completion)."""
+        cmd.task.status = status
+        cmd.task.sense = sense
         with self.lock:
             self.active[cmd.itt] = cmd
         self._task_done(cmd, cmd.task, False)
+
+    def _fail_early(self, cmd, pdu, key: int, asc: int) -> None:
+        """Answer CHECK CONDITION without executing; any unsolicited data is thrown away."""
+        if pdu.write_bit and not pdu.final:
+            self.discarding.add(cmd.itt)
+        self._answer_now(cmd, CHECK_CONDITION, encode_sense(key, asc))
 
     def _reject_command(self, pdu, reason, holds_slot) -> None:
         if holds_slot:
@@ -421,11 +422,7 @@ class Connection:
                 return
             self._drop_r2ts(cmd)
             self.discarding.add(cmd.itt)
-        cmd.task.status = CHECK_CONDITION
-        cmd.task.sense = encode_sense(ABORTED_COMMAND, asc)
-        with self.lock:
-            self.active[cmd.itt] = cmd
-        self._task_done(cmd, cmd.task, False)
+        self._answer_now(cmd, CHECK_CONDITION, encode_sense(ABORTED_COMMAND, asc))
 
     def _drop_r2ts(self, cmd) -> None:
         for ttt in [t for t, r in self.r2ts.items() if r.command is cmd]:
