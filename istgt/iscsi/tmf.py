@@ -43,12 +43,12 @@ def handle(conn, pdu) -> None:
                 target.clear_task_set(lun, nexus)
             else:
                 conn.server.abort_writes_everywhere(target, lambda c: c.task.lun == lun)
-                target.lun_reset(lun, nexus)
+                target.lun_reset(lun)
             response = TmfResponse.COMPLETE
     elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
         conn.server.abort_writes_everywhere(target, lambda c: True)
         cold = fn == TmfFunction.TARGET_COLD_RESET
-        target.target_reset("cold" if cold else "warm", nexus)
+        target.target_reset("cold" if cold else "warm")
         response = TmfResponse.COMPLETE
         if cold:
             after = lambda: conn.server.close_target_sessions(target, "target cold reset")

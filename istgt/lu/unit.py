@@ -106,16 +106,16 @@ class LogicalUnit:
         if cleared is not None and any(e.task.nexus != by_nexus for e in aborted):
             cleared(by_nexus)
 
-    def lun_reset(self, lun: int, by_nexus=None) -> None:
+    def lun_reset(self, lun: int) -> None:
         self.abort(lambda t: t.lun == lun)
         device = self.devices.get(lun)
         if device is not None:
-            device.reset("lun", by_nexus)
+            device.reset("lun")
 
-    def target_reset(self, kind: str, by_nexus=None) -> None:
+    def target_reset(self, kind: str) -> None:
         self.abort(lambda t: True)
         for device in self.devices.values():
-            device.reset(kind, by_nexus)
+            device.reset(kind)
 
     def nexus_lost(self, nexus) -> None:
         self.abort(lambda t: t.nexus == nexus)

@@ -158,11 +158,11 @@ class DiskDevice:
             self._prevent.discard(nexus)
         self.reservations.nexus_lost(nexus)
 
-    def reset(self, kind: ResetKind | str = ResetKind.LOGICAL_UNIT,
-              by_nexus: ITNexus | None = None) -> None:
-        """A LOGICAL UNIT RESET / target reset: report it to every nexus but `by_nexus`, the
-        one that asked for it and already knows (as tgt and LIO do; libiscsi's reset tests
-        expect it). `kind` is a ResetKind or one of "lun", "warm", "cold", "power_on"."""
+    def reset(self, kind: ResetKind | str = ResetKind.LOGICAL_UNIT) -> None:
+        """A LOGICAL UNIT RESET / target reset: every I_T nexus, the one that asked for it
+        included, gets the reset's unit attention (SAM-5 reset semantics: a reset is an event
+        of the logical unit, unlike MODE SELECT whose issuer is spared). `kind` is a
+        ResetKind or one of "lun", "warm", "cold", "power_on"."""
         if isinstance(kind, str):
             kind = _RESET_NAMES[kind.lower()]
         self.mode_pages.reset()
@@ -175,9 +175,8 @@ class DiskDevice:
             self._prevent.clear()
             if kind in (ResetKind.POWER_ON, ResetKind.TARGET_COLD):
                 self._stopped = False
-            for nexus, pending in self._unit_attentions.items():
-                if nexus != by_nexus:
-                    pending[:] = [kind.unit_attention]
+            for pending in self._unit_attentions.values():
+                pending[:] = [kind.unit_attention]
 
     def tasks_cleared(self, by_nexus: ITNexus) -> None:
         """CLEAR TASK SET from `by_nexus` aborted other nexuses' commands (SAM-5 7.4)."""

@@ -109,6 +109,17 @@ def test_lun_reset_keeps_the_resetting_session(target):
     assert resetter.nop_out(b"me").data == b"me"
 
 
+def test_lun_reset_raises_unit_attention_for_the_resetting_session_too(target):
+    # SAM-5: a reset is an event of the logical unit; every I_T nexus is told, the issuer
+    # included (libiscsi's MultipathIO.Reset checks both paths).
+    resetter = target.session()
+    assert resetter.tur().status == GOOD
+    assert resetter.tmf(LOGICAL_UNIT_RESET, lun=0).response == COMPLETE
+    asc, ascq = unit_attention_after(resetter)
+    assert (asc, ascq) == (0x29, 0x03)  # BUS DEVICE RESET FUNCTION OCCURRED
+    assert resetter.tur().status == GOOD
+
+
 def test_lun_reset_of_one_lun_leaves_the_other(make_target):
     target = make_target(luns=2)
     resetter = target.session()
