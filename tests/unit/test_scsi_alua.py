@@ -155,3 +155,17 @@ def test_register_and_move_to_the_other_target_port():
     assert run(device, write, bytes(512), nexus=holder_b).status == ScsiStatus.GOOD
     # Write Exclusive: the same initiator through the other port is not the holder.
     assert run(device, write, bytes(512), nexus=holder_a).status == ScsiStatus.RESERVATION_CONFLICT
+
+
+def test_answered_to_a_non_holder_under_exclusive_access():
+    # Path checkers of other hosts keep polling while one host holds the LU.
+    device = multipath_device()
+    params = struct.pack(">QQ4xBx2x", 0, 0x77, 0)
+    assert run(device, struct.pack(">BBB2xIB", 0x5F, 0, 0, 24, 0), params).status == ScsiStatus.GOOD
+    params = struct.pack(">QQ4xBx2x", 0x77, 0, 0)
+    assert run(device, struct.pack(">BBB2xIB", 0x5F, 1, 3, 24, 0), params).status == ScsiStatus.GOOD
+    stranger = ITNexus("iqn.1994-05.com.example:stranger,i,0x1", PATH2.target_port, 2)
+    run(device, [0x00] * 6, nexus=stranger)
+    read = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]
+    assert run(device, read, nexus=stranger).status == ScsiStatus.RESERVATION_CONFLICT
+    assert rtpg(device, nexus=stranger).status == ScsiStatus.GOOD
