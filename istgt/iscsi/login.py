@@ -177,7 +177,8 @@ class LoginProcess:
             data = _digest_choices(target.config.data_digest)
             if self.tsih:
                 self.existing = self.server.sessions.find(
-                    self.tsih, self.isid, self.initiator_name, self.target_name)
+                    self.tsih, self.isid, self.initiator_name, self.target_name,
+                    self.conn.portal_group_tag)
                 if self.existing is None:
                     raise LoginRefused(0x020A, f"no session with TSIH {self.tsih}")
         methods = {"none": ("None",), "chap": ("CHAP",),

@@ -127,10 +127,15 @@ class SessionRegistry:
         self._sessions: dict[int, Session] = {}    # guarded by _lock
         self._tsih = itertools.count(1)
 
-    def find(self, tsih: int, isid: bytes, initiator_name: str, target_name: str) -> Session | None:
+    def find(self, tsih: int, isid: bytes, initiator_name: str, target_name: str,
+             portal_group_tag: int) -> Session | None:
+        """The session a connection may join: every connection of a session goes through
+        one target portal group (RFC 7143 4.4.1), i.e. one target port."""
         with self._lock:
             s = self._sessions.get(tsih)
         if s is None or s.closed or s.isid != isid or s.initiator_name != initiator_name:
+            return None
+        if s.portal_group_tag != portal_group_tag:
             return None
         if s.target_name.lower() != target_name.lower():
             return None

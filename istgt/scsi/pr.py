@@ -523,6 +523,16 @@ class ReservationState:
             )
             scope_type = LU_SCOPE << 4 | reservation.type if holder and reservation else 0
             transport_id = encode_transport_id(registration.initiator_port)
+            if holder and registration.all_tg_pt and reservation.holder is not None:
+                # One descriptor may stand for every port only when all of them hold the
+                # reservation; here just the holder's port does: one descriptor per port.
+                for port, holds in self._ports_of(reservation.holder):
+                    descriptors += struct.pack(
+                        ">Q4xBB4xHI", registration.key, 0x01 if holds else 0,
+                        scope_type if holds else 0, port, len(transport_id),
+                    )
+                    descriptors += transport_id
+                continue
             descriptors += struct.pack(
                 ">Q4xBB4xHI",
                 registration.key,
@@ -533,6 +543,12 @@ class ReservationState:
             )
             descriptors += transport_id
         return struct.pack(">II", self._generation, len(descriptors)) + bytes(descriptors)
+
+    def _ports_of(self, holder: ITNexus) -> list[tuple[int, bool]]:
+        """(relative target port id, holds the reservation) for every known target port."""
+        ports = set(self.target_ports()) if self.target_ports is not None else set()
+        ports.add(holder.relative_port_id)
+        return [(port, port == holder.relative_port_id) for port in sorted(ports)]
 
     # --- PERSISTENT RESERVE OUT -----------------------------------------------------------
 
@@ -864,10 +880,13 @@ class ReservationState:
             raise invalid_field_in_cdb(2, 3)
 
     def _target_port(self, relative_port_id: int, nexus: ITNexus) -> str | None:
+        # The port the command came in on exists even if the owner's list does not name it.
+        if relative_port_id == nexus.relative_port_id:
+            return nexus.target_port
         if self.target_ports is not None:
             port = self.target_ports().get(relative_port_id)
             return port.lower() if port is not None else None
-        return nexus.target_port if relative_port_id == nexus.relative_port_id else None
+        return None
 
     def _bump(self, effects: _Effects) -> None:
         self._generation = (self._generation + 1) & 0xFFFFFFFF

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from istgt.scsi import pr, spc
+from istgt.scsi import alua, pr, spc
 from istgt.scsi.command import (
     CommandSpec,
     CommandTable,
@@ -122,11 +122,13 @@ class DiskDevice:
         # (PREEMPT AND ABORT); it must not wait for the running PR OUT itself.
         self.abort_nexuses: Any = None
         self._pr_state = pr_state
+        self.port_groups = alua.TargetPortGroups.of_unit(lu)
         self.reservations = pr.ReservationState(
             raise_ua=self._reservation_unit_attention,
             on_preempt_abort=self._preempt_abort,
             state_changed=self._save_reservations if pr_state is not None else None,
             aptpl_supported=pr_state is not None,
+            target_ports=self.port_groups.target_ports,
         )
         if pr_state is not None:
             saved = pr_state.load()          # ValueError: the caller refuses to start
@@ -818,6 +820,7 @@ _RESERVATION_COMMANDS = [
 DISK_COMMANDS = CommandTable(
     [
         *_RESERVATION_COMMANDS,
+        *alua.COMMANDS,
         _spec(Opcode.TEST_UNIT_READY, "TEST UNIT READY", spc.test_unit_ready, _NONE, (), **_MEDIUM),
         _spec(
             Opcode.REQUEST_SENSE, "REQUEST SENSE", spc.request_sense, _IN,

@@ -34,6 +34,7 @@ ASSOCIATION_TARGET_DEVICE = 2
 DESIGNATOR_T10_VENDOR = 0x1
 DESIGNATOR_NAA = 0x3
 DESIGNATOR_RELATIVE_TARGET_PORT = 0x4
+DESIGNATOR_TARGET_PORT_GROUP = 0x5
 DESIGNATOR_SCSI_NAME = 0x8
 
 VERSION_DESCRIPTORS = (0x00A0, 0x0960, 0x0460, 0x04C0)  # SAM-5, iSCSI, SPC-4, SBC-3
@@ -102,6 +103,7 @@ def standard_inquiry(
     qualifier: int = 0,
     removable: bool = False,
     command_queuing: bool = True,
+    tpgs: int = 0,
 ) -> bytes:
     data = bytearray(STANDARD_INQUIRY_LENGTH)
     data[0] = (qualifier << 5) | peripheral_type
@@ -109,6 +111,7 @@ def standard_inquiry(
     data[2] = 0x06  # SPC-4
     data[3] = 0x12  # HISUP, response data format 2
     data[4] = STANDARD_INQUIRY_LENGTH - 5
+    data[5] = (tpgs & 0x3) << 4  # TPGS: asymmetric logical unit access (SPC-4 5.16)
     data[7] = 0x02 if command_queuing else 0  # CMDQUE
     if identity is not None:
         data[8:16] = ascii_field(identity.vendor, 8)
@@ -144,7 +147,10 @@ def scsi_name(name: str) -> bytes:
     return raw + b"\0" * (-len(raw) % 4)
 
 
-def device_identification_body(identity: DeviceIdentity, nexus: ITNexus) -> bytes:
+def device_identification_body(
+    identity: DeviceIdentity, nexus: ITNexus, port_group: int | None = None
+) -> bytes:
+    """`port_group`: the target port group of the nexus's port, when the LU reports ALUA."""
     t10 = ascii_field(identity.vendor, 8) + ascii_field(identity.product, 16)
     t10 += identity.serial.encode("ascii", "replace")
     parts = [
@@ -172,6 +178,16 @@ def device_identification_body(identity: DeviceIdentity, nexus: ITNexus) -> byte
             PROTOCOL_ISCSI,
         ),
     ]
+    if port_group is not None:
+        parts.append(
+            designator(
+                CODE_SET_BINARY,
+                ASSOCIATION_TARGET_PORT,
+                DESIGNATOR_TARGET_PORT_GROUP,
+                struct.pack(">xxH", port_group & 0xFFFF),
+                PROTOCOL_ISCSI,
+            )
+        )
     return b"".join(parts)
 
 
@@ -190,10 +206,18 @@ def common_vpd_page(device: SpcDevice, page: int, nexus: ITNexus) -> bytes | Non
     if page == 0x80:
         return vpd(0x80, pdt, device.identity.serial.encode("ascii", "replace"))
     if page == 0x83:
-        return vpd(0x83, pdt, device_identification_body(device.identity, nexus))
+        groups = getattr(device, "port_groups", None)
+        group = groups.group_of(nexus) if groups is not None else None
+        return vpd(0x83, pdt, device_identification_body(device.identity, nexus, group))
     if page == 0x86:
         return vpd(0x86, pdt, extended_inquiry_body())
     return None
+
+
+def _tpgs(device: SpcDevice) -> int:
+    """TPGS of a device with target port groups (`port_groups`, see alua.py); 0 without."""
+    groups = getattr(device, "port_groups", None)
+    return groups.tpgs if groups is not None else 0
 
 
 def inquiry(device: SpcDevice, task: ScsiTask) -> None:
@@ -209,6 +233,7 @@ def inquiry(device: SpcDevice, task: ScsiTask) -> None:
             device.peripheral_type,
             removable=device.removable,
             command_queuing=device.command_queuing,
+            tpgs=_tpgs(device),
         )
     else:
         found = device.vpd_page(page, task.nexus)

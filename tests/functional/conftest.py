@@ -56,6 +56,7 @@ class TargetOptions:
     max_sessions: int = 16
     max_connections: int = 4
     discovery_auth: str = "None"
+    second_portal_group: bool = False  # disk1 also mapped through [PortalGroup2] (multipath)
     iscsi: dict = field(default_factory=dict)   # Global iSCSI keys, e.g. {"InitialR2T": "No"}
 
     def login_kwargs(self) -> dict:
@@ -129,6 +130,11 @@ def write_config(directory: Path, options: TargetOptions, control: str) -> Path:
                 f"  LUN0 Storage {disks[2]} 64MB\n")
 
     control_portal = f"  Portal UC1 127.0.0.1:{free_port('127.0.0.1')}\n" if C_TARGET else ""
+    # PortalGroup2 listens last, so its address is the last of RunningTarget.addresses.
+    second_group = (f"[PortalGroup2]\n  Portal DA3 127.0.0.1:{free_port('127.0.0.1')}\n"
+                    if options.second_portal_group else "")
+    second_mapping = ("  Mapping PortalGroup2 InitiatorGroup1\n"
+                      if options.second_portal_group else "")
     text = (
         "[Global]\n"
         f'  NodeBase "{NODE_BASE}"\n'
@@ -147,7 +153,7 @@ def write_config(directory: Path, options: TargetOptions, control: str) -> Path:
         "[UnitControl]\n"
         "  AuthMethod None\n"
         f"  ControlSocket {control}/ctl.sock\n" + control_portal +
-        "[PortalGroup1]\n" + portals +
+        "[PortalGroup1]\n" + portals + second_group +
         "[InitiatorGroup1]\n  InitiatorName ALL\n  Netmask 127.0.0.0/8\n  Netmask [::1]\n"
         f'[InitiatorGroup2]\n  InitiatorName "{ALLOWED_INITIATOR}"\n  Netmask ALL\n'
         "[InitiatorGroup3]\n  InitiatorName ALL\n  Netmask 192.0.2.0/24\n"
@@ -156,7 +162,7 @@ def write_config(directory: Path, options: TargetOptions, control: str) -> Path:
         "[LogicalUnit1]\n"
         "  TargetName disk1\n"
         '  TargetAlias "Functional Disk"\n'
-        "  Mapping PortalGroup1 InitiatorGroup1\n"
+        "  Mapping PortalGroup1 InitiatorGroup1\n" + second_mapping +
         f"  AuthMethod {disk_auth}\n"
         "  AuthGroup AuthGroup1\n"
         "  UnitType Disk\n"

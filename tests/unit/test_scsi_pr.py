@@ -699,6 +699,24 @@ def test_register_and_move_to_another_target_port(recorder: Recorder) -> None:
     assert io_conflicts(state, I1, READ10)
 
 
+def test_read_full_status_splits_an_all_tg_pt_registration_when_one_port_holds(
+    recorder: Recorder,
+) -> None:
+    # Only the nexus that reserved holds a Write Exclusive reservation, so one ALL_TG_PT
+    # descriptor (which says "every port alike") would be wrong: one per target port.
+    state = ReservationState(recorder.raise_ua, target_ports=lambda: {1: TARGET1, 2: TARGET2})
+    register(state, I1, K1, flags=ALL_TG_PT)
+    good(reserve(state, I1_ON_PORT2, K1, PrType.WRITE_EXCLUSIVE))
+    data = bytes(good(prin(state, I2, PrInAction.READ_FULL_STATUS)).data_in)
+    found, offset = [], 8
+    while offset < len(data):
+        key, flags, scope_type, relative, tid_length = struct.unpack_from(">Q4xBB4xHI", data, offset)
+        found.append((key, flags, scope_type, relative))
+        offset += 24 + tid_length
+    assert found == [(K1, 0x00, 0, 1), (K1, 0x01, PrType.WRITE_EXCLUSIVE, 2)]
+    assert io_conflicts(state, I1, WRITE10) and not io_conflicts(state, I1_ON_PORT2, WRITE10)
+
+
 def test_register_and_move_not_for_all_registrants(state: ReservationState) -> None:
     register(state, I1, K1)
     good(reserve(state, I1, K1, PrType.WRITE_EXCLUSIVE_ALL_REGISTRANTS))

@@ -56,6 +56,7 @@ def test_standard_inquiry_layout():
     assert len(data) == 96 and data[4] == 91
     assert data[0] == 0x00 and data[1] == 0x00  # disk, not removable
     assert data[2] == 0x06 and data[3] == 0x12  # SPC-4, HISUP + format 2
+    assert data[5] == 0x10  # TPGS 01b: implicit ALUA only
     assert data[7] == 0x02  # CMDQUE
     assert data[8:16] == b"FreeBSD " and data[16:32] == b"iSCSI DISK      "
     assert data[32:36] == b"0001"
@@ -104,7 +105,7 @@ def test_unit_serial_number_prefers_lun_serial():
 def test_device_identification_designators():
     data = bytes(inquiry(make_device(), 0x83).data_in)
     designators = parse_designators(data[4:])
-    naa, t10, device_name, port_name, relative = designators
+    naa, t10, device_name, port_name, relative, port_group = designators
     assert (naa["type"], naa["association"], naa["code_set"]) == (3, 0, 1)
     assert len(naa["value"]) == 16 and naa["value"][0] >> 4 == 6
     assert (t10["type"], t10["code_set"]) == (1, 2) and t10["value"].startswith(b"FreeBSD ")
@@ -117,6 +118,8 @@ def test_device_identification_designators():
     assert port_name["value"].rstrip(b"\0") == NEXUS.target_port.encode()
     assert (relative["type"], relative["association"]) == (4, 1)
     assert relative["value"] == b"\x00\x00\x00\x01"
+    assert (port_group["type"], port_group["association"]) == (5, 1)
+    assert port_group["value"] == b"\x00\x00\x00\x01"
 
 
 def test_naa_is_stable_and_unique_per_target_and_lun():

@@ -6,10 +6,10 @@ from istgt.iscsi.session import LoginRefused, Session, SessionRegistry
 from istgt.scsi.command import ITNexus
 
 
-def make_session(first_cmdsn=10, window=4, name="iqn.x:i", isid=b"\x80\0\0\0\0\1"):
-    nexus = ITNexus(f"{name},i,0x{isid.hex()}", "iqn.t,t,0x0001", 1)
+def make_session(first_cmdsn=10, window=4, name="iqn.x:i", isid=b"\x80\0\0\0\0\1", tpgt=1):
+    nexus = ITNexus(f"{name},i,0x{isid.hex()}", f"iqn.t,t,0x{tpgt:04x}", tpgt)
     return Session(isid=isid, initiator_name=name, initiator_alias="", target=object(),
-                   target_name="iqn.t", portal_group_tag=1, discovery=False, values=None,
+                   target_name="iqn.t", portal_group_tag=tpgt, discovery=False, values=None,
                    window=window, first_cmdsn=first_cmdsn, nexus=nexus)
 
 
@@ -96,5 +96,15 @@ def test_registry_tsih_reinstatement_and_max_sessions():
     assert e.value.status == 0x0302
     s1b = make_session()                        # same I_T nexus as s1: reinstatement
     assert reg.register(s1b) == [s1]
-    assert reg.find(s1b.tsih, s1b.isid, "iqn.x:i", "IQN.T") is s1b
-    assert reg.find(s1.tsih, s1.isid, "iqn.x:i", "iqn.t") is None
+    assert reg.find(s1b.tsih, s1b.isid, "iqn.x:i", "IQN.T", 1) is s1b
+    assert reg.find(s1.tsih, s1.isid, "iqn.x:i", "iqn.t", 1) is None
+
+
+def test_same_isid_through_another_portal_group_is_another_session():
+    reg = SessionRegistry(max_sessions=4)
+    first, second = make_session(tpgt=1), make_session(tpgt=2)
+    reg.register(first)
+    assert reg.register(second) == []           # another target port: no reinstatement
+    # A connection joins a session only through the session's own portal group.
+    assert reg.find(first.tsih, first.isid, "iqn.x:i", "iqn.t", 2) is None
+    assert reg.find(second.tsih, second.isid, "iqn.x:i", "iqn.t", 2) is second
