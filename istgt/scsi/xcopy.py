@@ -444,7 +444,7 @@ def _check_copy_target(target: Any, nexus: ITNexus, role: int, lba: int,
     """Refuse what the LU would refuse if this nexus sent it READ(16)/WRITE(16)."""
     opcode = Opcode.READ_16 if role == COPY_SOURCE else Opcode.WRITE_16
     probe = ScsiTask(target.lun_number,
-                     struct.pack(">BxQIxx", opcode, lba & (2**64 - 1), segment.blocks), nexus)
+                     struct.pack(">BxQIxx", opcode, lba, segment.blocks), nexus)
     if target.reservations.conflicts(probe):
         raise CopyAborted(Asc.NO_ADDITIONAL_SENSE, segment.number,
                           forwarded=Forwarded(role, ScsiStatus.RESERVATION_CONFLICT))
