@@ -11,6 +11,7 @@ import time
 from istgt.iscsi.connection import Connection, corked
 from istgt.iscsi.session import SessionRegistry
 from istgt.lu.backends import BackendError, FileBackend
+from istgt.lu.copy_targets import CopyTargets
 from istgt.lu.state import StateFile
 from istgt.lu.unit import LogicalUnit
 
@@ -55,6 +56,10 @@ def build_logical_unit(lu_config, max_sessions: int, state_directory: str | None
     for d in devices.values():
         if hasattr(d, "set_lun_numbers"):
             d.set_lun_numbers(sorted(devices))
+    # EXTENDED COPY may name any LUN of this target (and no other target's) as a copy target.
+    copy_targets = CopyTargets(devices.values())
+    for d in devices.values():
+        d.copy_targets = copy_targets
     for number, d in sorted(devices.items()):
         lun = lu_config.luns[number]
         size = d.backend.size if hasattr(d, "backend") else 0

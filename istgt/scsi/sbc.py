@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from istgt.scsi import alua, pr, spc
+from istgt.scsi import alua, pr, spc, xcopy
 from istgt.scsi.command import (
     CommandSpec,
     CommandTable,
@@ -130,6 +130,10 @@ class DiskDevice:
             aptpl_supported=pr_state is not None,
             target_ports=self.port_groups.target_ports,
         )
+        # EXTENDED COPY: this target's LUs by NAA (set by the server; None: only this LU)
+        # and the outcomes RECEIVE COPY RESULTS reports.
+        self.copy_targets: Any = None
+        self.copy_results = xcopy.CopyResults()
         if pr_state is not None:
             saved = pr_state.load()          # ValueError: the caller refuses to start
             if saved is not None:
@@ -159,6 +163,7 @@ class DiskDevice:
             self._unit_attentions.pop(nexus, None)
             self._prevent.discard(nexus)
         self.reservations.nexus_lost(nexus)
+        self.copy_results.forget(nexus)
 
     def reset(self, kind: ResetKind | str = ResetKind.LOGICAL_UNIT) -> None:
         """A LOGICAL UNIT RESET / target reset: every I_T nexus, the one that asked for it
@@ -173,6 +178,7 @@ class DiskDevice:
         except OSError:
             log.exception("LUN%d: flush during reset failed", self.lun_number)
         self.reservations.reset()
+        self.copy_results.clear()
         with self._state_lock:
             self._prevent.clear()
             if kind in (ResetKind.POWER_ON, ResetKind.TARGET_COLD):
@@ -287,7 +293,7 @@ class DiskDevice:
     # --- data for SPC handlers --------------------------------------------------------
 
     def supported_vpd_pages(self) -> list[int]:
-        return [0x00, 0x80, 0x83, 0x86, 0xB0, 0xB1, 0xB2]
+        return [0x00, 0x80, 0x83, 0x86, xcopy.THIRD_PARTY_COPY_VPD, 0xB0, 0xB1, 0xB2]
 
     def vpd_page(self, page: int, nexus: ITNexus) -> bytes | None:
         if page not in self.supported_vpd_pages():
@@ -296,6 +302,8 @@ class DiskDevice:
         if common is not None:
             return common
         pdt = self.peripheral_type
+        if page == xcopy.THIRD_PARTY_COPY_VPD:
+            return spc.vpd(page, pdt, xcopy.third_party_copy_vpd_body(self.block_length))
         if page == 0xB0:
             return spc.vpd(0xB0, pdt, self._block_limits())
         if page == 0xB1:
@@ -341,6 +349,11 @@ class DiskDevice:
         return struct.pack(">II", count, self.block_length & 0xFFFFFF)
 
     # --- helpers for SBC handlers -----------------------------------------------------
+
+    @property
+    def stopped(self) -> bool:
+        """START STOP UNIT stopped the medium (EXTENDED COPY checks its copy targets)."""
+        return self._stopped
 
     def check_range(self, lba: int, blocks: int) -> None:
         if lba + blocks > self.block_count:
@@ -949,6 +962,14 @@ DISK_COMMANDS = CommandTable(
             Opcode.VERIFY_12, "VERIFY(12)", verify, _OUT,
             ((1, DPO | 0x06), *_LBA10, *_LEN12, *_GROUP12), **_MEDIUM,
         ),
+        _spec(
+            Opcode.EXTENDED_COPY, "EXTENDED COPY(LID1)", xcopy.extended_copy, _OUT,
+            _LEN16, service_action=0x00,
+        ),
+        *(_spec(Opcode.RECEIVE_COPY_RESULTS, f"RECEIVE COPY RESULTS ({name})",
+                xcopy.receive_copy_results, _IN, ((2, 0xFF), *_LEN16), service_action=sa)
+          for sa, name in ((0x00, "COPY STATUS"), (0x03, "OPERATING PARAMETERS"),
+                           (0x04, "FAILED SEGMENT DETAILS"))),
         _spec(
             Opcode.READ_DEFECT_DATA_12, "READ DEFECT DATA(12)", read_defect_data, _IN,
             ((2, 0x1F), *_LEN12),

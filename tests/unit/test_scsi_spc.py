@@ -86,7 +86,7 @@ def test_supported_vpd_pages_are_sorted_and_each_answers():
     device = make_device()
     data = bytes(inquiry(device, 0x00).data_in)
     pages = list(data[4 : 4 + data[3]])
-    assert pages == sorted(pages) == [0x00, 0x80, 0x83, 0x86, 0xB0, 0xB1, 0xB2]
+    assert pages == sorted(pages) == [0x00, 0x80, 0x83, 0x86, 0x8F, 0xB0, 0xB1, 0xB2]
     for page in pages:
         answer = bytes(inquiry(device, page).data_in)
         assert answer[1] == page and len(answer) == 4 + struct.unpack(">H", answer[2:4])[0]
