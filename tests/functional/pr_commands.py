@@ -12,7 +12,7 @@ PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT = 0x5E, 0x5F
 RESERVATION_CONFLICT = 0x18
 UNIT_ATTENTION = 0x06
 
-READ_KEYS, READ_RESERVATION = 0x00, 0x01
+READ_KEYS, READ_RESERVATION, READ_FULL_STATUS = 0x00, 0x01, 0x03
 REGISTER, RESERVE, RELEASE, CLEAR, PREEMPT = 0x00, 0x01, 0x02, 0x03, 0x04
 
 WRITE_EXCLUSIVE = 0x1
@@ -70,6 +70,33 @@ def parse_reservation(data: bytes) -> Reservation | None:
     if struct.unpack_from(">I", data, 4)[0] == 0:
         return None
     return Reservation(struct.unpack_from(">Q", data, 8)[0], data[21] & 0x0F)
+
+
+class Registrant(NamedTuple):
+    """One READ FULL STATUS descriptor."""
+    key: int
+    holder: bool
+    type: int               # 0 unless holder
+    initiator_port: str     # from the TransportID: "name,i,0x<isid>" or a bare name
+
+
+def parse_full_status(data: bytes) -> list[Registrant]:
+    end = 8 + struct.unpack_from(">I", data, 4)[0]
+    registrants, offset = [], 8
+    while offset < end:
+        key = struct.unpack_from(">Q", data, offset)[0]
+        holder, scope_type = bool(data[offset + 12] & 0x01), data[offset + 13]
+        length = struct.unpack_from(">I", data, offset + 20)[0]
+        transport_id = data[offset + 24 + 4:offset + 24 + length]
+        name = transport_id.split(b"\0", 1)[0].decode()
+        registrants.append(Registrant(key, holder, scope_type & 0x0F, name))
+        offset += 24 + length
+    return registrants
+
+
+def generation(data: bytes) -> int:
+    """PRGENERATION of any PR IN reply."""
+    return struct.unpack_from(">I", data, 0)[0]
 
 
 def read_keys(initiator) -> list[int]:
