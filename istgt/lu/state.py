@@ -28,9 +28,15 @@ class StateFile:
             raise ValueError(f"{self.path}: {exc}") from None
 
     def save(self, produce) -> None:
-        """Write `produce()` (called under the save lock, so it is current) atomically."""
+        """Write `produce()` (called under the save lock, so it is current) atomically; if it
+        returns None, remove the file instead (deciding under the same lock, so an older
+        save cannot overtake a newer removal)."""
         with self._lock:
-            data = json.dumps(produce(), sort_keys=True).encode()
+            content = produce()
+            if content is None:
+                self._remove_locked()
+                return
+            data = json.dumps(content, sort_keys=True).encode()
             directory = os.path.dirname(self.path) or "."
             tmp = f"{self.path}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -46,11 +52,14 @@ class StateFile:
 
     def remove(self) -> None:
         with self._lock:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                return
-            _sync_directory(os.path.dirname(self.path) or ".")
+            self._remove_locked()
+
+    def _remove_locked(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            return
+        _sync_directory(os.path.dirname(self.path) or ".")
 
 
 def _sync_directory(directory: str) -> None:

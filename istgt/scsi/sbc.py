@@ -278,10 +278,13 @@ class DiskDevice:
                     pending.append(asc)
 
     def _save_reservations(self) -> None:
-        if self.reservations.persist_through_power_loss:
-            self._pr_state.save(self.reservations.snapshot)
-        else:
-            self._pr_state.remove()          # APTPL off: nothing may come back after a restart
+        # Keep or remove, decided from one snapshot under the file's lock: deciding first
+        # let a save that decided before a concurrent APTPL=0 REGISTER write after its removal.
+        self._pr_state.save(self._reservations_to_persist)
+
+    def _reservations_to_persist(self) -> dict | None:
+        snapshot = self.reservations.snapshot()
+        return snapshot if snapshot["aptpl"] else None   # APTPL off: nothing may come back
 
     def _preempt_abort(self, patterns: frozenset[ITNexus]) -> None:
         if self.abort_nexuses is not None:

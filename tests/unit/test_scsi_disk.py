@@ -593,3 +593,29 @@ def test_get_lba_status_on_a_sparse_file(tmp_path):
     assert status(16) == (16, 8, 1) and status(24) == (24, 8, 0)
     assert bytes(run(device, cdb10(0x28, 16, 8)).data_in) == bytes(8 * 512)
     backend.close()
+
+
+def test_aptpl_save_overtaken_by_aptpl_off_leaves_no_state_file(tmp_path):
+    """A PR OUT made with APTPL=1 whose save is still waiting for the state file when APTPL
+    is turned off must not write the file afterwards: it would bring the registrations back
+    after a restart although the last acknowledged REGISTER said APTPL=0."""
+    import threading
+    import time
+
+    from istgt.lu.state import StateFile
+
+    state = StateFile(str(tmp_path / "lu.pr.json"))
+    device = DiskDevice(make_lu(), make_lun(), MemoryBackend(BLOCKS * 512), state)
+    run(device, [0x00] + [0] * 5)                       # the power-on unit attention
+    params = struct.pack(">QQ4xB3x", 0, 0x1234, 0x01)  # REGISTER key 0x1234, APTPL=1
+    register = [0x5F, 0x00, 0x00, 0, 0, 0, 0, 0, len(params), 0]
+    with state._lock:                                  # the save below waits here
+        saver = threading.Thread(target=run, args=(device, register, params))
+        saver.start()
+        time.sleep(0.2)                                # let it reach the file's lock
+        off = device.reservations.snapshot()
+        assert off["registrations"] and off["aptpl"]   # the REGISTER is in effect
+        device.reservations.restore({**off, "aptpl": False})
+    saver.join(5)
+    assert not saver.is_alive()
+    assert state.load() is None

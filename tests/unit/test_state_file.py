@@ -30,3 +30,11 @@ def test_remove_is_idempotent(tmp_path):
     state.remove()
     state.remove()
     assert state.load() is None
+
+
+def test_save_of_none_removes_the_file(tmp_path):
+    state = StateFile(str(tmp_path / "lu.pr.json"))
+    state.save(lambda: {"a": 1})
+    state.save(lambda: None)
+    assert state.load() is None and not any(tmp_path.iterdir())
+    state.save(lambda: None)                            # nothing to remove: no error
