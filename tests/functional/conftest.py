@@ -57,6 +57,8 @@ class TargetOptions:
     max_connections: int = 4
     discovery_auth: str = "None"
     iscsi: dict = field(default_factory=dict)   # Global iSCSI keys, e.g. {"InitialR2T": "No"}
+    lun0_storage: str | None = None    # disk1 LUN0 "<path> <size>" instead of a 64 MB file
+    lun0_options: tuple[str, ...] = ()  # disk1 "LUN0 Option ..." values, e.g. "Removable Yes"
 
     def login_kwargs(self) -> dict:
         """What an initiator must offer to log in to disk1 under these options."""
@@ -162,7 +164,8 @@ def write_config(directory: Path, options: TargetOptions, control: str) -> Path:
         "  UnitType Disk\n"
         f"  QueueDepth {options.queue_depth}\n"
         + extra +
-        f"  LUN0 Storage {disks[0]} 64MB\n" + lun1
+        f"  LUN0 Storage {options.lun0_storage or f'{disks[0]} 64MB'}\n"
+        + "".join(f"  LUN0 Option {option}\n" for option in options.lun0_options) + lun1
         + other_lu(2, "restricted", 2)
         + other_lu(3, "netdenied", 3)
         + other_lu(4, "deniedname", 4)
