@@ -242,6 +242,13 @@ class FileBackend:
         writes cannot run out of space. A file system without fallocate is left as is."""
         if self.block_device or self.read_only or _fallocate is None:
             return
+        # Ask first: a fallocate that fails half-way keeps what it allocated (ext4).
+        info, space = os.fstat(self._fd), os.fstatvfs(self._fd)
+        needed = self.size - min(self.size, info.st_blocks * 512)
+        free = space.f_bavail * space.f_frsize
+        if needed > free:
+            raise BackendError(self.path, f"cannot allocate {self.size} bytes: {needed} more "
+                                          f"needed, {free} free")
         if _fallocate(self._fd, 0, 0, self.size) != 0:
             error = ctypes.get_errno()
             if error in (errno.EOPNOTSUPP, errno.ENOSYS):

@@ -36,15 +36,17 @@ class MediumState:
                 self._preventing.discard(nexus)
 
     def start_stop(self, start: bool, load_eject: bool) -> None:
-        """START STOP UNIT with POWER CONDITION 0. LOEJ on a removable LU loads (START=1)
-        or ejects (START=0) the medium; either is refused while any nexus prevents
-        removal. A fixed disk ignores LOEJ."""
+        """START STOP UNIT with POWER CONDITION 0. A fixed disk stops or starts and
+        ignores LOEJ. A removable LU only acts on LOEJ: load (START=1) or eject (START=0),
+        either refused while any nexus prevents removal; without LOEJ nothing changes, as
+        in C istgt's DVD and as libiscsi's StartStopUnit.NoLoej expects."""
         with self._lock:
-            if load_eject and self.removable:
+            if not self.removable:
+                self._stopped = not start
+            elif load_eject:
                 if self._preventing:
                     raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.MEDIUM_REMOVAL_PREVENTED)
                 self._loaded = start
-            self._stopped = not start
 
     def nexus_lost(self, nexus: ITNexus) -> None:
         with self._lock:

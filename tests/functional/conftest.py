@@ -275,8 +275,7 @@ def make_target(tmp_path):
     running: list[RunningTarget] = []
 
     def start(**options) -> RunningTarget:
-        directory = tmp_path / f"target{len(running)}"
-        directory.mkdir()
+        directory = Path(tempfile.mkdtemp(prefix="target", dir=tmp_path))  # also after a failed start
         target = RunningTarget(directory, TargetOptions(**options))
         running.append(target)
         return target

@@ -215,3 +215,17 @@ def test_removable_lun_prevention_ends_with_the_connection(make_target):
     assert (sense_key(gone.sense), asc_ascq(gone.sense)) == (NOT_READY, (0x3A, 0x00))
     assert second.scsi(LOAD).status == GOOD
     assert second.tur().status == GOOD
+
+
+def test_full_lun_larger_than_its_file_system_refuses_to_start(small_filesystem, make_target):
+    from istgt.server import StartupError
+
+    with pytest.raises(StartupError, match=r"LUN0: Provisioning Full: .*disk.img: cannot allocate"):
+        make_target(lun0_storage=f"{small_filesystem}/disk.img 16MB",
+                    lun0_options=("Provisioning Full",))
+    target = make_target(lun0_storage=f"{small_filesystem}/fits.img 2MB",
+                         lun0_options=("Provisioning Full",))
+    initiator = target.session()
+    assert read_capacity_16(initiator)[14] & 0x80 == 0       # LBPME=0
+    for lba in range(0, 4096, 128):                          # every block has its space
+        assert initiator.write10(lba, bytes([lba % 251]) * CHUNK).status == GOOD

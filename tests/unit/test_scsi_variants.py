@@ -176,6 +176,14 @@ def test_prevention_ends_with_the_nexus_and_with_resets(end):
     expect_check(run(device, TUR), SenseKey.NOT_READY, Asc.MEDIUM_NOT_PRESENT)
 
 
+def test_removable_lun_without_loej_stays_ready():
+    device = removable()
+    for immediate_no_flush_start in ([0, 0], [1, 0x04], [0, 0x01], [1, 0x05]):
+        immediate, flags = immediate_no_flush_start
+        assert run(device, [0x1B, immediate, 0, 0, flags, 0]).status == ScsiStatus.GOOD
+        assert run(device, TUR).status == ScsiStatus.GOOD
+
+
 def test_power_condition_ignores_load_eject():
     device = removable()
     for condition in range(1, 16):
