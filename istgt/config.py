@@ -226,6 +226,9 @@ class LunConfig:
     read_cache: bool = True
     write_cache: bool = True
     flags: tuple[str, ...] = ()  # removable media: ro, rw, extend, dynamic
+    provisioning: str | None = None  # Disk: "thin" or "full"; None = thin if the store can deallocate
+    physical_block_size: int | None = None  # Disk: bytes; None = the LU's BlockLength
+    removable_disk: bool = False  # Disk: RMB, PREVENT ALLOW MEDIUM REMOVAL, eject/load
 
     @property
     def read_only_media(self) -> bool:
@@ -1073,7 +1076,7 @@ def _lun_line(reader: _Reader, item: Item, number: int) -> dict:
     )
 
 
-def _lun_option(reader: _Reader, item: Item, options: dict) -> None:
+def _lun_option(reader: _Reader, item: Item, options: dict, block_length: int) -> None:
     if len(item.values) < 3:
         raise reader.error("expected: LUNn Option <name> <value>", item)
     name, value = item.values[1], item.values[2]
@@ -1090,6 +1093,17 @@ def _lun_option(reader: _Reader, item: Item, options: dict) -> None:
         options["read_cache"] = _yes_no_option(reader, item, value)
     elif folded == "writecache":
         options["write_cache"] = _yes_no_option(reader, item, value)
+    elif folded == "provisioning":
+        if value.casefold() not in ("thin", "full"):
+            raise reader.error(f"expected Thin or Full, got {value!r}", item)
+        options["provisioning"] = value.casefold()
+    elif folded == "physicalblocksize":
+        options["physical_block_size"] = _physical_block_size(reader, item, value, block_length)
+    elif folded == "removable":
+        word = value.casefold()
+        if word not in ("yes", "no"):
+            raise reader.error(f"expected Yes or No, got {value!r}", item)
+        options["removable_disk"] = word == "yes"
     else:
         log.warning(
             "%s:%d: [%s] %s: unknown option %r ignored",
@@ -1097,8 +1111,19 @@ def _lun_option(reader: _Reader, item: Item, options: dict) -> None:
         )
 
 
+def _physical_block_size(reader: _Reader, item: Item, text: str, block_length: int) -> int:
+    size = reader.to_int(item, text)
+    ratio = size // block_length if size >= block_length else 0
+    # READ CAPACITY(16) carries it as a 4-bit exponent of blocks per physical block.
+    if size % block_length or ratio & (ratio - 1) or not 1 <= ratio <= 1 << 15:
+        raise reader.error(
+            f"{text} is not a power-of-two multiple of the BlockLength {block_length} "
+            f"(at most {block_length << 15})", item)
+    return size
+
+
 def _luns(
-    reader: _Reader, unit_type: UnitType, lu_serial: str, read_only: bool
+    reader: _Reader, unit_type: UnitType, lu_serial: str, read_only: bool, block_length: int
 ) -> dict[int, LunConfig]:
     definitions: dict[int, tuple[Item, dict]] = {}
     options: dict[int, dict] = {}
@@ -1115,7 +1140,7 @@ def _luns(
         if not item.values:
             raise reader.error("missing LUN type (Storage, Removable, Device or Option)", item)
         if item.values[0].casefold().startswith("option"):
-            _lun_option(reader, item, options.setdefault(number, {}))
+            _lun_option(reader, item, options.setdefault(number, {}), block_length)
             option_lines.setdefault(number, item)
             continue
         if number in definitions:
@@ -1175,7 +1200,7 @@ def _logical_unit(
     )
     if unit_type != "disk":
         queue_depth = 0  # only Disk queues commands
-    luns = _luns(reader, unit_type, inquiry.serial, read_only)
+    luns = _luns(reader, unit_type, inquiry.serial, read_only, block_length)
     return LogicalUnitConfig(
         number=number,
         name=name,

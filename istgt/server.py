@@ -30,29 +30,17 @@ class StartupError(Exception):
 
 def build_logical_unit(lu_config, max_sessions: int, state_directory: str | None = None
                        ) -> LogicalUnit:
-    from istgt.scsi.sbc import DiskDevice
     if lu_config.unit_type != "disk":
         raise StartupError(f"LU{lu_config.number} ({lu_config.name}): UnitType "
                            f"{lu_config.unit_type} is not supported yet")
     devices = {}
     try:
         for number, lun in sorted(lu_config.luns.items()):
-            backend = FileBackend.open(lun.path, lun.size, lu_config.read_only,
-                                       lu_config.block_length)
-            state = None
-            if state_directory is not None:
-                state = StateFile(os.path.join(state_directory,
-                                               f"{lu_config.name}.lun{number}.pr.json"))
-            try:
-                devices[number] = DiskDevice(lu_config, lun, backend, state)
-            except ValueError as e:
-                backend.close()
-                raise StartupError(f"LU{lu_config.number} ({lu_config.name}) LUN{number}: "
-                                   f"saved reservations unreadable: {e}") from None
-    except BackendError as e:
+            devices[number] = _build_disk(lu_config, lun, state_directory)
+    except StartupError:
         for d in devices.values():
             d.close()
-        raise StartupError(f"LU{lu_config.number} ({lu_config.name}): {e}") from None
+        raise
     for d in devices.values():
         if hasattr(d, "set_lun_numbers"):
             d.set_lun_numbers(sorted(devices))
@@ -63,10 +51,41 @@ def build_logical_unit(lu_config, max_sessions: int, state_directory: str | None
     for number, d in sorted(devices.items()):
         lun = lu_config.luns[number]
         size = d.backend.size if hasattr(d, "backend") else 0
-        log.info("LU%d: LUN%d file=%s, size=%d, %d bytes/block%s, queue depth %d",
-                 lu_config.number, number, lun.path, size, lu_config.block_length,
+        provisioning = getattr(d, "provisioning", None)
+        kind = "" if provisioning is None else " thin" if provisioning.thin else " full"
+        log.info("LU%d: LUN%d file=%s, size=%d, %d bytes/block%s%s%s, queue depth %d",
+                 lu_config.number, number, lun.path, size, lu_config.block_length, kind,
+                 " removable" if getattr(d, "removable", False) else "",
                  " readonly" if lu_config.read_only else "", lu_config.queue_depth)
     return LogicalUnit(lu_config, devices, max_sessions, completion_batch=corked)
+
+
+def _build_disk(lu_config, lun, state_directory: str | None):
+    from istgt.scsi.provisioning import ProvisioningError
+    from istgt.scsi.sbc import DiskDevice
+    where = f"LU{lu_config.number} ({lu_config.name}) LUN{lun.number}"
+    try:
+        backend = FileBackend.open(lun.path, lun.size, lu_config.read_only,
+                                   lu_config.block_length)
+    except BackendError as e:
+        raise StartupError(f"LU{lu_config.number} ({lu_config.name}): {e}") from None
+    state = None
+    if state_directory is not None:
+        state = StateFile(os.path.join(state_directory,
+                                       f"{lu_config.name}.lun{lun.number}.pr.json"))
+    try:
+        if getattr(lun, "provisioning", None) == "full":
+            backend.preallocate()
+        return DiskDevice(lu_config, lun, backend, state)
+    except BackendError as e:
+        backend.close()
+        raise StartupError(f"{where}: Provisioning Full: {e}") from None
+    except ProvisioningError as e:
+        backend.close()
+        raise StartupError(f"{where}: {e}") from None
+    except ValueError as e:
+        backend.close()
+        raise StartupError(f"{where}: saved reservations unreadable: {e}") from None
 
 
 class Server:

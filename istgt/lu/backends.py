@@ -2,8 +2,8 @@
 
 One small interface (`Backend`): `size` in bytes, `read`, `readinto`, `read_stable`,
 `write`, `write_durable`, `write_zeroes`, `flush`, `close`, and for thin provisioning
-`supports_unmap`, `unmap` (the range then reads as zeros) and `allocation` (is a range
-mapped, and how far). Offsets and lengths are bytes;
+`supports_unmap`, `unmap_zeroes` (an unmapped range reads as zeros), `unmap` and
+`allocation` (is a range mapped, and how far). Offsets and lengths are bytes;
 the SCSI layer checks ranges before calling. I/O errors propagate as OSError for the SCSI
 layer to turn into sense data.
 """
@@ -21,6 +21,8 @@ import threading
 from typing import Protocol
 
 BLKGETSIZE64 = 0x80081272  # Linux <linux/fs.h>: _IOR(0x12, 114, size_t)
+BLKDISCARD = 0x1277  # _IO(0x12, 119), argument: uint64_t {start, length}
+BLKDISCARDZEROES = 0x127C  # _IO(0x12, 124), returns unsigned int
 _ZERO_CHUNK = 1 << 20
 # <linux/falloc.h>: deallocate a range, keep the file size (the range then reads as zeros).
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -72,6 +74,7 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
     supports_unmap: bool
+    unmap_zeroes: bool
 
     def unmap(self, offset: int, length: int) -> None: ...
 
@@ -87,9 +90,17 @@ class FileBackend:
         self.size = size
         self.read_only = read_only
         self._fd = fd
-        # Hole punching works on regular files of most Linux file systems; a file system
-        # that refuses it turns this off at the first UNMAP (zeros are written instead).
-        self.supports_unmap = _fallocate is not None and stat.S_ISREG(os.fstat(fd).st_mode)
+        mode = os.fstat(fd).st_mode
+        self.block_device = stat.S_ISBLK(mode)
+        if self.block_device:
+            # BLKDISCARD; what discarded blocks read as is the device's business.
+            self.supports_unmap = _device_discards(fd)
+            self.unmap_zeroes = self.supports_unmap and _device_discard_zeroes(fd)
+        else:
+            # A punched hole reads as zeros; a file system that refuses it only at the
+            # first UNMAP (probe inconclusive) gets zeros written instead.
+            self.supports_unmap = stat.S_ISREG(mode) and _can_punch_holes(fd)
+            self.unmap_zeroes = True
         self._dirty_lock = threading.Lock()
         self._dirty = False  # guarded by _dirty_lock: written since the last flush
 
@@ -196,8 +207,11 @@ class FileBackend:
             self.flush()
 
     def unmap(self, offset: int, length: int) -> None:
-        """Deallocate the range; it reads back as zeros (LBPRZ)."""
+        """Deallocate the range (it then reads as zeros when `unmap_zeroes`)."""
         if length <= 0:
+            return
+        if self.block_device:
+            self._discard(offset, length)
             return
         if self.supports_unmap and _fallocate is not None:
             mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
@@ -210,9 +224,43 @@ class FileBackend:
             self.supports_unmap = False
         self.write_zeroes(offset, length)
 
+    def _discard(self, offset: int, length: int) -> None:
+        if self.supports_unmap:
+            try:
+                fcntl.ioctl(self._fd, BLKDISCARD, struct.pack("QQ", offset, length))
+                self._mark_dirty()
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+                    raise
+                self.supports_unmap = False
+        if self.unmap_zeroes:  # promised zeros: keep the promise without discard
+            self.write_zeroes(offset, length)
+
+    def preallocate(self) -> None:
+        """Allocate every block of a regular file now (full provisioning), so later
+        writes cannot run out of space. A file system without fallocate is left as is."""
+        if self.block_device or self.read_only or _fallocate is None:
+            return
+        # Ask first: a fallocate that fails half-way keeps what it allocated (ext4).
+        info, space = os.fstat(self._fd), os.fstatvfs(self._fd)
+        needed = self.size - min(self.size, info.st_blocks * 512)
+        free = space.f_bavail * space.f_frsize
+        if needed > free:
+            raise BackendError(self.path, f"cannot allocate {self.size} bytes: {needed} more "
+                                          f"needed, {free} free")
+        if _fallocate(self._fd, 0, 0, self.size) != 0:
+            error = ctypes.get_errno()
+            if error in (errno.EOPNOTSUPP, errno.ENOSYS):
+                return
+            raise BackendError(self.path, f"cannot allocate {self.size} bytes: "
+                                          f"{os.strerror(error)}")
+
     def allocation(self, offset: int, length: int) -> tuple[bool, int]:
         """(mapped, bytes): whether `offset` is backed by storage, and how far that state
-        runs (at most `length`)."""
+        runs (at most `length`). A block device does not say: everything is mapped."""
+        if self.block_device:
+            return True, length
         end = offset + length
         try:
             data = os.lseek(self._fd, offset, os.SEEK_DATA)
@@ -259,6 +307,49 @@ def _current_size(path: str, fd: int) -> int:
     raise BackendError(path, "not a regular file or device")
 
 
+def _can_punch_holes(fd: int) -> bool:
+    """Whether the file system punches holes: try it past the end of the file (not of the
+    LU, which may be shorter), where nothing can be lost. A read-only descriptor cannot
+    tell; then trust that fallocate exists."""
+    if _fallocate is None:
+        return False
+    end = os.fstat(fd).st_size
+    probe_at = end + (-end % 4096)
+    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, probe_at, 4096) == 0:
+        return True
+    return ctypes.get_errno() == errno.EBADF
+
+
+def _queue_setting(fd: int, name: str) -> str | None:
+    """/sys/dev/block/MAJ:MIN/queue/<name> (a partition's queue is its disk's)."""
+    rdev = os.fstat(fd).st_rdev
+    base = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
+    for queue in (f"{base}/queue", f"{base}/../queue"):
+        try:
+            with open(f"{queue}/{name}") as f:
+                return f.read().strip()
+        except OSError:
+            continue
+    return None
+
+
+def _device_discards(fd: int) -> bool:
+    value = _queue_setting(fd, "discard_max_bytes")
+    return value is not None and value.isdigit() and int(value) > 0
+
+
+def _device_discard_zeroes(fd: int) -> bool:
+    """Whether the kernel promises that discarded blocks read as zeros (current kernels
+    never do: both sources then say no)."""
+    try:
+        raw = fcntl.ioctl(fd, BLKDISCARDZEROES, b"\0" * 4)
+        if struct.unpack("I", raw)[0]:
+            return True
+    except OSError:
+        pass
+    return _queue_setting(fd, "discard_zeroes_data") == "1"
+
+
 class MemoryBackend:
     """A RAM disk for tests; counts flushes so tests can see durability requests."""
 
@@ -271,6 +362,7 @@ class MemoryBackend:
         self.durable_writes = 0
         self.closed = False
         self.supports_unmap = supports_unmap
+        self.unmap_zeroes = True
         self.unmapped: list[tuple[int, int]] = []  # (offset, length) of each unmap call
 
     def read(self, offset: int, length: int) -> bytes | bytearray:

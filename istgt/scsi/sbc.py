@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from istgt.scsi import alua, pr, spc, xcopy
+from istgt.scsi import alua, pr, provisioning, spc, xcopy
 from istgt.scsi.command import (
     CommandSpec,
     CommandTable,
@@ -27,6 +27,7 @@ from istgt.scsi.command import (
     u64,
     usage_mask,
 )
+from istgt.scsi.medium import MediumState
 from istgt.scsi.constants import (
     Asc,
     DataDirection,
@@ -50,9 +51,6 @@ WRITE_SAME_CHUNK_BYTES = 1024 * 1024
 
 MAX_UNMAP_DESCRIPTORS = 256
 MAX_UNMAP_BLOCKS = 0xFFFFFFFF  # hole punching is cheap at any size
-# READ CAPACITY(16) reports one logical block per physical block, so GET LBA STATUS and UNMAP
-# work per logical block; the 4 KiB preference shows as the optimal granularities in VPD B0.
-OPTIMAL_GRANULARITY_BYTES = 4096
 
 DEFAULT_RPM = 7200
 DEFAULT_FORM_FACTOR = 2  # 3.5 inch
@@ -72,7 +70,6 @@ class DiskDevice:
     """One Disk LUN: `DiskDevice(lu_config, lun_config, backend)`."""
 
     peripheral_type = PeripheralDeviceType.DIRECT_ACCESS
-    removable = False
 
     def __init__(self, lu: Any, lun: Any, backend: Any, pr_state: Any = None) -> None:
         """`pr_state`: a lu.state.StateFile keeping persistent reservations made with APTPL
@@ -107,15 +104,16 @@ class DiskDevice:
                 read_cache=bool(_attr(lun, "read_cache", True)),
             )
         )
-        # Thin provisioning (UNMAP, WRITE SAME UNMAP, deallocated LBAs) when the backend can
-        # deallocate; unmapped blocks read as zeros (LBPRZ).
-        self.thin = bool(getattr(backend, "supports_unmap", False))
+        # Thin (UNMAP, WRITE SAME UNMAP, deallocated LBAs) or full, per LUN option and what
+        # the backend can do; ProvisioningError (a ValueError) refuses the configuration.
+        self.provisioning = provisioning.decide(lun, backend, self.block_length)
+        self.thin = self.provisioning.thin
         self.table = THIN_DISK_COMMANDS if self.thin else DISK_COMMANDS
+        self.removable: bool = bool(_attr(lun, "removable_disk", False))
+        self.medium = MediumState(self.removable)
         self._state_lock = threading.Lock()
         # guarded by _state_lock: pending unit attentions per nexus (a known nexus has a list)
         self._unit_attentions: dict[ITNexus, list[int]] = {}
-        self._stopped = False  # guarded by _state_lock
-        self._prevent: set[ITNexus] = set()  # guarded by _state_lock
         # Serialises read-modify-write commands (COMPARE AND WRITE, ORWRITE) against each other.
         self._atomic_lock = threading.Lock()
         # Set by the owning LogicalUnit: abort this LUN's tasks from the given nexus patterns
@@ -161,7 +159,7 @@ class DiskDevice:
         afresh (and is told about the power-on/reset like any new nexus)."""
         with self._state_lock:
             self._unit_attentions.pop(nexus, None)
-            self._prevent.discard(nexus)
+        self.medium.nexus_lost(nexus)
         self.reservations.nexus_lost(nexus)
         self.copy_results.forget(nexus)
 
@@ -179,10 +177,8 @@ class DiskDevice:
             log.exception("LUN%d: flush during reset failed", self.lun_number)
         self.reservations.reset()
         self.copy_results.clear()
+        self.medium.reset(kind)
         with self._state_lock:
-            self._prevent.clear()
-            if kind in (ResetKind.POWER_ON, ResetKind.TARGET_COLD):
-                self._stopped = False
             for pending in self._unit_attentions.values():
                 pending[:] = [kind.unit_attention]
 
@@ -233,10 +229,10 @@ class DiskDevice:
         if self.reservations.conflicts(task):
             task.status = ScsiStatus.RESERVATION_CONFLICT   # no sense data (SAM-5)
             return
-        if spec.medium_access and self._stopped:
-            raise CheckCondition(
-                SenseKey.NOT_READY, Asc.LOGICAL_UNIT_NOT_READY_INITIALIZING_COMMAND_REQUIRED
-            )
+        if spec.medium_access:
+            not_ready = self.medium.not_ready_asc()
+            if not_ready is not None:
+                raise CheckCondition(SenseKey.NOT_READY, not_ready)
         spec.handler(self, task)
 
     # --- unit attentions --------------------------------------------------------------
@@ -263,12 +259,9 @@ class DiskDevice:
             pending = self._unit_attentions.setdefault(nexus, [])
             if pending:
                 return encode_sense(SenseKey.UNIT_ATTENTION, pending.pop(0), descriptor=descriptor)
-            if self._stopped:
-                return encode_sense(
-                    SenseKey.NOT_READY,
-                    Asc.LOGICAL_UNIT_NOT_READY_INITIALIZING_COMMAND_REQUIRED,
-                    descriptor=descriptor,
-                )
+        not_ready = self.medium.not_ready_asc()
+        if not_ready is not None:
+            return encode_sense(SenseKey.NOT_READY, not_ready, descriptor=descriptor)
         return None
 
     def _reservation_unit_attention(self, pattern: ITNexus, asc: int) -> None:
@@ -315,24 +308,21 @@ class DiskDevice:
             body[3] = self.form_factor
             return spc.vpd(0xB1, pdt, bytes(body))
         if page == 0xB2:
-            body = bytearray(4)
-            if self.thin:
-                body[1] = 0x80 | 0x40 | 0x20 | 0x04  # LBPU, LBPWS, LBPWS10, LBPRZ
-                body[2] = 0x02  # thin provisioned
-            return spc.vpd(0xB2, pdt, bytes(body))
+            return spc.vpd(0xB2, pdt, self.provisioning.vpd_b2_body())
         return None
 
     def _block_limits(self) -> bytes:
         bl = self.block_length
         body = bytearray(0x3C)
         body[1] = min(MAX_COMPARE_AND_WRITE_BLOCKS, MAX_TRANSFER_BYTES // bl // 2)
-        struct.pack_into(">H", body, 2, max(1, OPTIMAL_GRANULARITY_BYTES // bl))
+        granularity = self.provisioning.granularity_blocks
+        struct.pack_into(">H", body, 2, granularity)
         struct.pack_into(">I", body, 4, MAX_TRANSFER_BYTES // bl)
         struct.pack_into(">I", body, 8, OPTIMAL_TRANSFER_BYTES // bl)
         struct.pack_into(">I", body, 12, MAX_TRANSFER_BYTES // bl)  # max prefetch
         if self.thin:
             struct.pack_into(">II", body, 16, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS)
-            struct.pack_into(">I", body, 24, max(1, OPTIMAL_GRANULARITY_BYTES // bl))
+            struct.pack_into(">I", body, 24, granularity)
             struct.pack_into(">I", body, 28, 0x80000000)  # UGAVALID, alignment 0
         struct.pack_into(">Q", body, 32, self.max_write_same_blocks)
         return bytes(body)
@@ -352,11 +342,6 @@ class DiskDevice:
         return struct.pack(">II", count, self.block_length & 0xFFFFFF)
 
     # --- helpers for SBC handlers -----------------------------------------------------
-
-    @property
-    def stopped(self) -> bool:
-        """START STOP UNIT stopped the medium (EXTENDED COPY checks its copy targets)."""
-        return self._stopped
 
     def check_range(self, lba: int, blocks: int) -> None:
         if lba + blocks > self.block_count:
@@ -687,8 +672,7 @@ def read_capacity_16(device: DiskDevice, task: ScsiTask) -> None:
     allocation_length = u32(cdb, 10)
     data = bytearray(32)
     struct.pack_into(">QI", data, 0, device.block_count - 1, device.block_length)
-    if device.thin:
-        data[14] = 0x80 | 0x40  # LBPME, LBPRZ
+    data[13:16] = device.provisioning.read_capacity_16_bytes()
     spc.respond(task, bytes(data), allocation_length)
 
 
@@ -720,22 +704,17 @@ def start_stop_unit(device: DiskDevice, task: ScsiTask) -> None:
     cdb = task.cdb
     power_condition = cdb[4] >> 4
     start = bool(cdb[4] & 0x01)
+    load_eject = bool(cdb[4] & 0x02)
     no_flush = bool(cdb[4] & 0x04)
     if power_condition:
-        return  # power conditions only change power use, which we do not model
+        return  # START and LOEJ are ignored; power use is not modelled
     if not start and not no_flush and not device.read_only:
         device.sync(0)
-    with device._state_lock:
-        device._stopped = not start
+    device.medium.start_stop(start, load_eject)
 
 
 def prevent_allow_medium_removal(device: DiskDevice, task: ScsiTask) -> None:
-    prevent = task.cdb[4] & 0x03
-    with device._state_lock:
-        if prevent & 0x01:
-            device._prevent.add(task.nexus)
-        else:
-            device._prevent.discard(task.nexus)
+    device.medium.set_prevent(task.nexus, bool(task.cdb[4] & 0x01))
 
 
 def report_luns(device: DiskDevice, task: ScsiTask) -> None:

@@ -452,9 +452,9 @@ def _check_copy_target(target: Any, nexus: ITNexus, role: int, lba: int,
         if not target.online:
             raise CheckCondition(SenseKey.NOT_READY,
                                  Asc.LOGICAL_UNIT_NOT_READY_MANUAL_INTERVENTION_REQUIRED)
-        if target.stopped:
-            raise CheckCondition(SenseKey.NOT_READY,
-                                 Asc.LOGICAL_UNIT_NOT_READY_INITIALIZING_COMMAND_REQUIRED)
+        not_ready = target.medium.not_ready_asc()
+        if not_ready is not None:
+            raise CheckCondition(SenseKey.NOT_READY, not_ready)
         target.check_range(lba, segment.blocks)
         if role == COPY_DESTINATION:
             target.check_writable()

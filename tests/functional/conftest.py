@@ -58,6 +58,8 @@ class TargetOptions:
     discovery_auth: str = "None"
     second_portal_group: bool = False  # disk1 also mapped through [PortalGroup2] (multipath)
     iscsi: dict = field(default_factory=dict)   # Global iSCSI keys, e.g. {"InitialR2T": "No"}
+    lun0_storage: str | None = None    # disk1 LUN0 "<path> <size>" instead of a 64 MB file
+    lun0_options: tuple[str, ...] = ()  # disk1 "LUN0 Option ..." values, e.g. "Removable Yes"
 
     def login_kwargs(self) -> dict:
         """What an initiator must offer to log in to disk1 under these options."""
@@ -168,7 +170,8 @@ def write_config(directory: Path, options: TargetOptions, control: str) -> Path:
         "  UnitType Disk\n"
         f"  QueueDepth {options.queue_depth}\n"
         + extra +
-        f"  LUN0 Storage {disks[0]} 64MB\n" + lun1
+        f"  LUN0 Storage {options.lun0_storage or f'{disks[0]} 64MB'}\n"
+        + "".join(f"  LUN0 Option {option}\n" for option in options.lun0_options) + lun1
         + other_lu(2, "restricted", 2)
         + other_lu(3, "netdenied", 3)
         + other_lu(4, "deniedname", 4)
@@ -278,8 +281,7 @@ def make_target(tmp_path):
     running: list[RunningTarget] = []
 
     def start(**options) -> RunningTarget:
-        directory = tmp_path / f"target{len(running)}"
-        directory.mkdir()
+        directory = Path(tempfile.mkdtemp(prefix="target", dir=tmp_path))  # also after a failed start
         target = RunningTarget(directory, TargetOptions(**options))
         running.append(target)
         return target

@@ -230,6 +230,12 @@ LU_LINE = 12  # first line appended by with_lu_lines
         ("LUN2 Option Serial 5", "LUN2", "has options but no Storage"),
         ("LUN0 Option WriteCache Off", "LUN0", "expected Enable or Disable"),
         ("LUN0 Option RPM fast", "LUN0", "expected an integer"),
+        ("LUN0 Option Provisioning Thick", "LUN0", "expected Thin or Full, got 'Thick'"),
+        ("LUN0 Option PhysicalBlockSize 1536", "LUN0", "not a power-of-two multiple of the BlockLength 512"),
+        ("LUN0 Option PhysicalBlockSize 256", "LUN0", "not a power-of-two multiple"),
+        ("LUN0 Option PhysicalBlockSize 33554432", "LUN0", "at most 16777216"),
+        ("LUN0 Option PhysicalBlockSize 4k", "LUN0", "expected an integer"),
+        ("LUN0 Option Removable maybe", "LUN0", "expected Yes or No, got 'maybe'"),
         ("UnitInquiry \"Caf\u00e9\"", "UnitInquiry", "printable ASCII"),
     ],
 )
@@ -372,6 +378,28 @@ def test_lun_forms_and_options(load):
     assert (lu.luns[2].size, lu.luns[2].serial) == (None, "10000001L2")
     assert (lu.luns[2].read_cache, lu.luns[2].write_cache) == (False, False)
     assert lu.luns[3].size == 20 * 2**30 - 2**20
+
+
+def test_provisioning_physical_block_size_and_removable_options(load):
+    lu = load(
+        with_lu_lines(
+            "LUN0 Option Provisioning full",
+            "LUN0 Option PhysicalBlockSize 4096",
+            "LUN0 Option Removable Yes",
+            "LUN1 Storage /tmp/other 1GB",
+            "LUN1 Option Provisioning Thin",
+        )
+    ).logical_units[1]
+    first, second = lu.luns[0], lu.luns[1]
+    assert (first.provisioning, first.physical_block_size, first.removable_disk) == ("full", 4096, True)
+    assert (second.provisioning, second.physical_block_size, second.removable_disk) == ("thin", None, False)
+
+
+def test_physical_block_size_is_checked_against_the_block_length(load):
+    error = error_of(load, with_lu_lines("BlockLength 4096", "LUN0 Option PhysicalBlockSize 2048"))
+    assert error.key == "LUN0" and "BlockLength 4096" in error.message
+    lu = load(with_lu_lines("BlockLength 4096", "LUN0 Option PhysicalBlockSize 16384"))
+    assert lu.logical_units[1].luns[0].physical_block_size == 16384
 
 
 def test_inquiry_fields_are_truncated_with_a_warning(load, caplog):
