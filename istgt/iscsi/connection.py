@@ -647,6 +647,8 @@ class Connection:
                  s.target_name or "discovery", s.tsih, self.cid, reason)
         if after is not None:
             self._wait_idle(self.server.config.global_.timeout or 60)
+            if reason == 0 or len(s.members()) == 1:
+                s.end_nexus()
         r = wire.logout_response(pdu.itt, response, v.default_time2wait,
                                  v.default_time2retain,
                                  ends_command=accepted and not pdu.immediate)
@@ -720,8 +722,7 @@ class Connection:
         s = self.session
         if s is not None and s.remove_connection(self):
             self.server.sessions.unregister(s)
-            if s.target is not None:
-                s.target.nexus_lost(s.nexus)
+            s.end_nexus()
             log.info("session TSIH %d of %s ended (%s)", s.tsih, s.initiator_port, reason)
         self.server.connection_closed(self)
         self.finished.set()

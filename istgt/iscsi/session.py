@@ -42,6 +42,7 @@ class Session:
         self.max_cmdsn = (first_cmdsn + window - 1) & 0xFFFFFFFF   # guarded by lock
         self._ahead: set[int] = set()              # CmdSNs received past a gap; lock
         self.closed = False
+        self._nexus_ended = False                  # guarded by lock
 
     @property
     def initiator_port(self) -> str:
@@ -108,6 +109,17 @@ class Session:
                 self.closed = True
                 return True
             return False
+
+    def end_nexus(self) -> None:
+        """The session's I_T nexus is lost (SAM-5): reservations, prevention and pending
+        unit attentions go. Once per session, at whichever comes first: the Logout that
+        ends it (before its response, so the initiator can rely on it) or the teardown of
+        its last connection."""
+        with self.lock:
+            if self._nexus_ended or self.target is None:
+                return
+            self._nexus_ended = True
+        self.target.nexus_lost(self.nexus)
 
     def members(self) -> list:
         with self.lock:

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from istgt.scsi import alua, pr, provisioning, spc, xcopy
+from istgt.scsi import alua, pr, provisioning, sanitize, spc, xcopy
 from istgt.scsi.command import (
     CommandSpec,
     CommandTable,
@@ -27,6 +27,7 @@ from istgt.scsi.command import (
     u64,
     usage_mask,
 )
+from istgt.scsi.extents import ExtentLocks
 from istgt.scsi.medium import MediumState
 from istgt.scsi.constants import (
     Asc,
@@ -47,6 +48,8 @@ MAX_TRANSFER_BYTES = 32 * 1024 * 1024
 OPTIMAL_TRANSFER_BYTES = 1024 * 1024
 MAX_WRITE_SAME_BYTES = 64 * 1024 * 1024
 MAX_COMPARE_AND_WRITE_BLOCKS = 255
+# WRITE ATOMIC(16): the whole write is applied under one exclusive extent lock.
+MAX_ATOMIC_TRANSFER_BYTES = 8 * 1024 * 1024
 WRITE_SAME_CHUNK_BYTES = 1024 * 1024
 
 MAX_UNMAP_DESCRIPTORS = 256
@@ -111,11 +114,12 @@ class DiskDevice:
         self.table = THIN_DISK_COMMANDS if self.thin else DISK_COMMANDS
         self.removable: bool = bool(_attr(lun, "removable_disk", False))
         self.medium = MediumState(self.removable)
+        self.sanitizing = sanitize.SanitizeState()
         self._state_lock = threading.Lock()
         # guarded by _state_lock: pending unit attentions per nexus (a known nexus has a list)
         self._unit_attentions: dict[ITNexus, list[int]] = {}
-        # Serialises read-modify-write commands (COMPARE AND WRITE, ORWRITE) against each other.
-        self._atomic_lock = threading.Lock()
+        # Keeps read-modify-write and atomic writes whole against overlapping commands.
+        self.extents = ExtentLocks()
         # Set by the owning LogicalUnit: abort this LUN's tasks from the given nexus patterns
         # (PREEMPT AND ABORT); it must not wait for the running PR OUT itself.
         self.abort_nexuses: Any = None
@@ -195,6 +199,7 @@ class DiskDevice:
             self.backend.flush()
 
     def close(self) -> None:
+        self.sanitizing.wait()   # an erase is never left half done by a clean shutdown
         self.backend.close()
 
     def lun_numbers(self) -> Iterable[int]:
@@ -225,6 +230,9 @@ class DiskDevice:
             raise CheckCondition(
                 SenseKey.NOT_READY, Asc.LOGICAL_UNIT_NOT_READY_MANUAL_INTERVENTION_REQUIRED
             )
+        refusal = self.sanitizing.refusal(opcode, spec.medium_access)
+        if refusal is not None:
+            raise refusal
         check_reserved_bits(spec, cdb)
         if self.reservations.conflicts(task):
             task.status = ScsiStatus.RESERVATION_CONFLICT   # no sense data (SAM-5)
@@ -259,6 +267,8 @@ class DiskDevice:
             pending = self._unit_attentions.setdefault(nexus, [])
             if pending:
                 return encode_sense(SenseKey.UNIT_ATTENTION, pending.pop(0), descriptor=descriptor)
+        if self.sanitizing.running:
+            return self.sanitizing.in_progress().encode(descriptor)
         not_ready = self.medium.not_ready_asc()
         if not_ready is not None:
             return encode_sense(SenseKey.NOT_READY, not_ready, descriptor=descriptor)
@@ -305,7 +315,8 @@ class DiskDevice:
         if page == 0xB1:
             body = bytearray(0x3C)
             struct.pack_into(">H", body, 0, self.rpm)
-            body[3] = self.form_factor
+            # WABEREQ/WACEREQ 01b: reads after BLOCK or CRYPTOGRAPHIC ERASE return GOOD
+            body[3] = (0x40 if self.thin else 0) | 0x10 | self.form_factor
             return spc.vpd(0xB1, pdt, bytes(body))
         if page == 0xB2:
             return spc.vpd(0xB2, pdt, self.provisioning.vpd_b2_body())
@@ -325,7 +336,13 @@ class DiskDevice:
             struct.pack_into(">I", body, 24, granularity)
             struct.pack_into(">I", body, 28, 0x80000000)  # UGAVALID, alignment 0
         struct.pack_into(">Q", body, 32, self.max_write_same_blocks)
+        # Page bytes 44..63: atomic transfer length; no alignment, granularity or boundaries.
+        struct.pack_into(">I", body, 40, self.max_atomic_blocks)
         return bytes(body)
+
+    @property
+    def max_atomic_blocks(self) -> int:
+        return MAX_ATOMIC_TRANSFER_BYTES // self.block_length
 
     @property
     def max_write_same_blocks(self) -> int:
@@ -354,6 +371,15 @@ class DiskDevice:
             raise CheckCondition(SenseKey.DATA_PROTECT, Asc.LOGICAL_UNIT_SOFTWARE_WRITE_PROTECTED)
 
     def read_blocks(self, lba: int, blocks: int, from_medium: bool) -> bytes | bytearray:
+        with self.extents.shared(lba, blocks):
+            return self.read_extent(lba, blocks, from_medium)
+
+    def write_blocks(self, lba: int, data: bytes | bytearray | memoryview, force_unit_access: bool) -> None:
+        with self.extents.shared(lba, len(data) // self.block_length):
+            self.write_extent(lba, data, force_unit_access)
+
+    def read_extent(self, lba: int, blocks: int, from_medium: bool) -> bytes | bytearray:
+        """read_blocks for a caller that holds the range in `extents`."""
         offset = lba * self.block_length
         length = blocks * self.block_length
         from_medium = from_medium or self.mode_pages.read_cache_disabled
@@ -365,7 +391,8 @@ class DiskDevice:
             log.error("LUN%d: read at LBA %d failed: %s", self.lun_number, lba, exc)
             raise CheckCondition(SenseKey.MEDIUM_ERROR, Asc.UNRECOVERED_READ_ERROR, info=lba) from None
 
-    def write_blocks(self, lba: int, data: bytes | bytearray | memoryview, force_unit_access: bool) -> None:
+    def write_extent(self, lba: int, data: bytes | bytearray | memoryview, force_unit_access: bool) -> None:
+        """write_blocks for a caller that holds the range in `extents`."""
         durable = force_unit_access or not self.mode_pages.write_cache_enabled
         offset = lba * self.block_length
         try:
@@ -378,7 +405,8 @@ class DiskDevice:
 
     def unmap_blocks(self, lba: int, blocks: int) -> None:
         try:
-            self.backend.unmap(lba * self.block_length, blocks * self.block_length)
+            with self.extents.shared(lba, blocks):
+                self.backend.unmap(lba * self.block_length, blocks * self.block_length)
             if not self.mode_pages.write_cache_enabled:
                 self.backend.flush()
         except OSError as exc:
@@ -522,12 +550,12 @@ def orwrite(device: DiskDevice, task: ScsiTask) -> None:
     if blocks == 0:
         return
     data = data_out(task, blocks * device.block_length)
-    with device._atomic_lock:
-        stored = device.read_blocks(lba, blocks, from_medium=False)
+    with device.extents.exclusive(lba, blocks):
+        stored = device.read_extent(lba, blocks, from_medium=False)
         merged = (int.from_bytes(stored, "big") | int.from_bytes(data, "big")).to_bytes(
             len(stored), "big"
         )
-        device.write_blocks(lba, merged, force_unit_access=bool(cdb[1] & FUA))
+        device.write_extent(lba, merged, force_unit_access=bool(cdb[1] & FUA))
 
 
 def compare_and_write(device: DiskDevice, task: ScsiTask) -> None:
@@ -546,10 +574,28 @@ def compare_and_write(device: DiskDevice, task: ScsiTask) -> None:
     if task.data_out is None or len(task.data_out) != 2 * length:
         raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_INFORMATION_UNIT)
     payload = data_out(task, 2 * length)
-    with device._atomic_lock:
-        stored = device.read_blocks(lba, blocks, from_medium=False)
+    with device.extents.exclusive(lba, blocks):
+        stored = device.read_extent(lba, blocks, from_medium=False)
         _compare(device, lba, payload[:length], stored)
-        device.write_blocks(lba, payload[length:], force_unit_access=bool(cdb[1] & FUA))
+        device.write_extent(lba, payload[length:], force_unit_access=bool(cdb[1] & FUA))
+
+
+def write_atomic(device: DiskDevice, task: ScsiTask) -> None:
+    """WRITE ATOMIC(16) (SBC-4 5.48): every block or none, as seen by any other command."""
+    cdb = task.cdb
+    lba, boundary, blocks = u64(cdb, 2), u16(cdb, 10), u16(cdb, 12)
+    task.data_out_length = blocks * device.block_length
+    if boundary:  # MAXIMUM ATOMIC BOUNDARY SIZE is 0: no boundaries
+        raise invalid_field_in_cdb(10)
+    device.check_range(lba, blocks)
+    if blocks > device.max_atomic_blocks:
+        raise invalid_field_in_cdb(12)
+    device.check_writable()
+    if blocks == 0:
+        return
+    data = data_out(task, blocks * device.block_length)
+    with device.extents.exclusive(lba, blocks):
+        device.write_extent(lba, data, force_unit_access=bool(cdb[1] & FUA))
 
 
 def write_same(device: DiskDevice, task: ScsiTask) -> None:
@@ -812,9 +858,19 @@ _RESERVATION_COMMANDS = [
     _spec(Opcode.RELEASE_10, "RELEASE(10)", release, _NONE, ()),
 ]
 
+def _sanitize_spec(action: int, name: str) -> CommandSpec:
+    return _spec(Opcode.SANITIZE, f"SANITIZE ({name})", sanitize.sanitize,
+                 _NONE if action != sanitize.OVERWRITE else _OUT,
+                 ((1, sanitize.IMMED | sanitize.AUSE), (7, 0xFF), (8, 0xFF)),
+                 service_action=action, **_MEDIUM)
+
+
 DISK_COMMANDS = CommandTable(
     [
         *_RESERVATION_COMMANDS,
+        _sanitize_spec(sanitize.OVERWRITE, "OVERWRITE"),
+        _sanitize_spec(sanitize.CRYPTOGRAPHIC_ERASE, "CRYPTOGRAPHIC ERASE"),
+        _sanitize_spec(sanitize.EXIT_FAILURE_MODE, "EXIT FAILURE MODE"),
         *alua.COMMANDS,
         _spec(Opcode.TEST_UNIT_READY, "TEST UNIT READY", spc.test_unit_ready, _NONE, (), **_MEDIUM),
         _spec(
@@ -909,6 +965,11 @@ DISK_COMMANDS = CommandTable(
             ((1, 0x06), *_LBA16, *_LEN16, *_GROUP16), **_MEDIUM,
         ),
         _spec(
+            Opcode.WRITE_ATOMIC_16, "WRITE ATOMIC(16)", write_atomic, _OUT,
+            ((1, DPO | FUA), *_LBA16, (10, 0xFF), (11, 0xFF), (12, 0xFF), (13, 0xFF), *_GROUP16),
+            **_MEDIUM,
+        ),
+        _spec(
             Opcode.WRITE_SAME_16, "WRITE SAME(16)", write_same, _OUT,
             ((1, 0x09), *_LBA16, *_LEN16, *_GROUP16), **_MEDIUM,
         ),
@@ -959,10 +1020,12 @@ DISK_COMMANDS = CommandTable(
     ]
 )
 
-# A LUN whose backend can deallocate blocks also takes UNMAP (ANCHOR is not supported).
+# A LUN whose backend can deallocate blocks also takes UNMAP (ANCHOR is not supported)
+# and SANITIZE BLOCK ERASE (deallocation is what erases a block of a file).
 THIN_DISK_COMMANDS = CommandTable(
     [
         *DISK_COMMANDS.specs,
         _spec(Opcode.UNMAP, "UNMAP", unmap, _OUT, (*_GROUP10, *_LEN10), **_MEDIUM),
+        _sanitize_spec(sanitize.BLOCK_ERASE, "BLOCK ERASE"),
     ]
 )

@@ -19,6 +19,8 @@ class CheckCondition(Exception):
 
     `field_pointer` (with optional `bit_pointer`) fills the sense-key-specific field: it names
     the byte in the CDB (`cd=True`) or in the parameter list (`cd=False`) that was wrong.
+    `progress` (0..65535, fraction of 65536 done) fills it instead for a NOT READY that is
+    an operation in progress (SPC-4 4.5.2.4.4).
     """
 
     def __init__(
@@ -29,8 +31,10 @@ class CheckCondition(Exception):
         field_pointer: int | None = None,
         bit_pointer: int | None = None,
         cd: bool = True,
+        progress: int | None = None,
     ) -> None:
         super().__init__(sense_key, asc)
+        self.progress = progress
         self.sense_key = sense_key
         self.asc = asc
         self.info = info
@@ -58,6 +62,7 @@ class CheckCondition(Exception):
             field_pointer=self.field_pointer,
             bit_pointer=self.bit_pointer,
             cd=self.cd,
+            progress=self.progress,
         )
 
 
@@ -78,8 +83,10 @@ def invalid_field_in_parameter_list(byte: int, bit: int | None = None) -> CheckC
 
 
 def _sense_key_specific(
-    field_pointer: int | None, bit_pointer: int | None, cd: bool
+    field_pointer: int | None, bit_pointer: int | None, cd: bool, progress: int | None = None
 ) -> bytes | None:
+    if progress is not None:
+        return struct.pack(">BH", 0x80, min(max(progress, 0), 0xFFFF))  # SKSV + indication
     if field_pointer is None:
         return None
     flags = 0x80  # SKSV
@@ -99,9 +106,10 @@ def encode_sense(
     field_pointer: int | None = None,
     bit_pointer: int | None = None,
     cd: bool = True,
+    progress: int | None = None,
 ) -> bytes:
     """Current-error sense data, fixed (70h) or descriptor (72h) format."""
-    sks = _sense_key_specific(field_pointer, bit_pointer, cd)
+    sks = _sense_key_specific(field_pointer, bit_pointer, cd, progress)
     if descriptor:
         body = bytearray()
         if info is not None:

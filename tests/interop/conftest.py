@@ -98,6 +98,8 @@ class LuSpec:
     size_bytes: int
     portal_group: int = 1
     extra: tuple[str, ...] = ()
+    # further portal groups mapping the same LU (multipath: one more target port each)
+    also_through: tuple[int, ...] = ()
 
     @property
     def iqn(self) -> str:
@@ -140,7 +142,8 @@ def write_config(layout: TargetLayout) -> None:
 
     Portal group 1 (127.0.0.1 and [::1] on `port`) holds the LUs any initiator may log in to;
     portal group 2 (127.0.0.1 on `chap_port`) holds the ones that refuse some logins, so that
-    `iscsi-ls -s` on portal group 1 can log in to every target it discovers.
+    `iscsi-ls -s` on portal group 1 can log in to every target it discovers; portal group 3
+    ([::1] on `chap_port`) is a second target port for LUs reached by two paths.
     """
     directory = layout.directory
     directory.mkdir(parents=True, exist_ok=True)
@@ -170,6 +173,8 @@ def write_config(layout: TargetLayout) -> None:
         f"  Portal DA2 [::1]:{layout.port}",
         "[PortalGroup2]",
         f"  Portal DA1 127.0.0.1:{layout.chap_port}",
+        "[PortalGroup3]",
+        f"  Portal MP1 [::1]:{layout.chap_port}",
         "[InitiatorGroup1]",
         '  InitiatorName "ALL"',
         "  Netmask 127.0.0.0/8",
@@ -183,7 +188,8 @@ def write_config(layout: TargetLayout) -> None:
             f"[LogicalUnit{number}]",
             f"  TargetName {unit.name}",
             f'  TargetAlias "interop {unit.name}"',
-            f"  Mapping PortalGroup{unit.portal_group} InitiatorGroup1",
+            *(f"  Mapping PortalGroup{tag} InitiatorGroup1"
+              for tag in (unit.portal_group, *unit.also_through)),
             "  UnitType Disk",
             "  QueueDepth 32",
             *(f"  {line}" for line in unit.extra),

@@ -1,15 +1,19 @@
 """libiscsi's conformance suite (iscsi-test-cu) against a fresh target, as a regression gate.
 
-Every test runs in its own process (conformance_runner.py).  The results are compared with
+Every test runs in its own process (conformance_runner.py), on the LU variant it applies to
+(`VARIANT_OF_FAMILY`; a thin-provisioned disk otherwise), always with a second path through
+another portal group (`--mpath`) and with SANITIZE allowed.  The results are compared with
 conformance-expected.tsv beside this file:
   * a test expected to PASS that does not PASS fails this test (a regression);
-  * any CRASH or TIMEOUT fails it (whatever the file says);
+  * any CRASH or TIMEOUT fails it, and so does any SKIP saying a command is not implemented
+    (whatever the file says);
   * a test that newly passes, or that the file does not know, is printed as a note: update the
     file with `UPDATE_CONFORMANCE=1 pytest tests/interop/test_conformance.py`.
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -19,16 +23,40 @@ from tests.interop.conftest import MIB, LuSpec, require_tool, start_target, stop
 
 EXPECTED_FILE = Path(__file__).with_name("conformance-expected.tsv")
 UPDATE_ENV = "UPDATE_CONFORMANCE"
-# The ReadOnly family needs a write-protected LU; every other test runs on a writable one.
-READ_ONLY_FAMILY = "ALL.ReadOnly."
-MULTIPATH_FAMILY = "ALL.MultipathIO."
-# About 230 tests of 0.1-2 s each (~1 min); the limit only guards against a wedged target.
+# About 230 tests of 0.1-3 s each (~2 min); the limit only guards against a wedged target.
 SUITE_TIMEOUT_S = 1200
+NOT_IMPLEMENTED = re.compile(r"not implemented", re.IGNORECASE)
 
+# Every LU is reached through portal group 1 (127.0.0.1) and portal group 3 ([::1]): two
+# target ports, so each test's second session is a real second path.
 CONFORMANCE_UNITS = (
-    LuSpec("conformance", 128 * MIB, extra=("AuthMethod None",)),
-    LuSpec("readonly", 64 * MIB, extra=("AuthMethod None", "ReadOnly Yes")),
+    LuSpec("thin", 128 * MIB, also_through=(3,),
+           extra=("AuthMethod None", "LUN0 Option Provisioning Thin")),
+    # 4 KiB physical blocks for the tests that skip unless LOGICAL BLOCKS PER PHYSICAL BLOCK > 1
+    # (GetLBAStatus.UnmapSingle, in turn, is only self-consistent with one block per block).
+    LuSpec("thin4k", 64 * MIB, also_through=(3,),
+           extra=("AuthMethod None", "LUN0 Option Provisioning Thin",
+                  "LUN0 Option PhysicalBlockSize 4096")),
+    LuSpec("removable", 64 * MIB, also_through=(3,),
+           extra=("AuthMethod None", "LUN0 Option Removable Yes")),
+    LuSpec("readonly", 64 * MIB, also_through=(3,), extra=("AuthMethod None", "ReadOnly Yes")),
 )
+DEFAULT_VARIANT = "thin"
+VARIANT_OF_FAMILY = {
+    "ALL.WriteSame10.UnmapUnaligned": "thin4k",
+    "ALL.WriteSame16.UnmapUnaligned": "thin4k",
+    "ALL.WriteSame10.InvalidDataOutSize": "thin4k",
+    "ALL.WriteSame16.InvalidDataOutSize": "thin4k",
+    "ALL.CompareAndWrite.InvalidDataOutSize": "thin4k",
+    "ALL.ReadOnly.": "readonly",
+    "ALL.PreventAllow.": "removable",
+    "ALL.StartStopUnit.": "removable",
+}
+
+
+def variant_of(test: str) -> str:
+    return next((variant for family, variant in VARIANT_OF_FAMILY.items()
+                 if test.startswith(family)), DEFAULT_VARIANT)
 
 
 def run_conformance(tmp_path: Path) -> list[runner.Outcome]:
@@ -38,25 +66,18 @@ def run_conformance(tmp_path: Path) -> list[runner.Outcome]:
     assert len(tests) > 100, f"iscsi-test-cu --list gave only {len(tests)} tests"
     target = start_target(tmp_path / "target", CONFORMANCE_UNITS)
     try:
-        port = target.layout.port
-        units = {unit.name: unit for unit in CONFORMANCE_UNITS}
-        disk_url = f"iscsi://127.0.0.1:{port}/{units['conformance'].iqn}/0"
-        single_path = runner.Lane(url=disk_url)
-        # The same LU through the IPv6 portal as a second path, given only to the MultipathIO
-        # family: with it, iscsi-test-cu opens a second session in every test and checks it.
-        two_paths = runner.Lane(url=disk_url,
-                                mpath_url=f"iscsi://[::1]:{port}/{units['conformance'].iqn}/0")
-        read_only = runner.Lane(url=f"iscsi://127.0.0.1:{port}/{units['readonly'].iqn}/0")
-        groups: dict[runner.Lane, list[str]] = {single_path: [], two_paths: [], read_only: []}
+        layout = target.layout
+        lanes = {
+            unit.name: runner.Lane(
+                url=f"iscsi://127.0.0.1:{layout.port}/{unit.iqn}/0",
+                mpath_url=f"iscsi://[::1]:{layout.chap_port}/{unit.iqn}/0")
+            for unit in CONFORMANCE_UNITS
+        }
+        groups: dict[str, list[str]] = {name: [] for name in lanes}
         for test in tests:
-            if test.startswith(READ_ONLY_FAMILY):
-                groups[read_only].append(test)
-            elif test.startswith(MULTIPATH_FAMILY):
-                groups[two_paths].append(test)
-            else:
-                groups[single_path].append(test)
-        outcomes = [outcome for lane, chosen in groups.items()
-                    for outcome in runner.run_suite(chosen, [lane])]
+            groups[variant_of(test)].append(test)
+        outcomes = [outcome for name, chosen in groups.items()
+                    for outcome in runner.run_suite(chosen, [lanes[name]])]
     finally:
         stop_target(target)
     order = {test: index for index, test in enumerate(tests)}
@@ -73,6 +94,8 @@ def compare(outcomes: list[runner.Outcome], expected: dict[str, runner.Result],
         line = f"{outcome.test}: expected {was.value if was else 'nothing'}, got {now.value}"
         detail = f"{line} {outcome.reason}".rstrip()
         if now in (runner.Result.CRASH, runner.Result.TIMEOUT):
+            failures.append(detail)
+        elif now is runner.Result.SKIP and NOT_IMPLEMENTED.search(outcome.reason):
             failures.append(detail)
         elif was is runner.Result.PASS and now is not runner.Result.PASS:
             failures.append(detail)
@@ -109,8 +132,8 @@ def test_conformance_suite_has_no_regression(tmp_path):
 
 # -- the comparison rules themselves ------------------------------------------------------
 
-def outcome(test: str, result: runner.Result) -> runner.Outcome:
-    return runner.Outcome(test, result, "", 0.1)
+def outcome(test: str, result: runner.Result, reason: str = "") -> runner.Outcome:
+    return runner.Outcome(test, result, reason, 0.1)
 
 
 def test_compare_flags_a_lost_pass_and_any_crash_or_timeout():
@@ -121,6 +144,24 @@ def test_compare_flags_a_lost_pass_and_any_crash_or_timeout():
     failures, notes = compare(outcomes, expected)
     assert [line.split(":")[0] for line in failures] == ["A", "B", "D"]
     assert [line.split(":")[0] for line in notes] == ["C", "new", "gone"]
+
+
+def test_compare_refuses_a_skip_for_a_missing_command_even_when_expected():
+    SKIP = runner.Result.SKIP
+    expected = {"X": SKIP, "Y": SKIP}
+    outcomes = [outcome("X", SKIP, "SANITIZE is not implemented."),
+                outcome("Y", SKIP, "Logical unit is not removable. Skipping test.")]
+    failures, _ = compare(outcomes, expected)
+    assert [line.split(":")[0] for line in failures] == ["X"]
+
+
+def test_each_family_runs_on_the_variant_it_applies_to():
+    assert variant_of("ALL.ReadOnly.WriteSame10") == "readonly"
+    assert variant_of("ALL.PreventAllow.Eject") == "removable"
+    assert variant_of("ALL.StartStopUnit.Simple") == "removable"
+    assert variant_of("ALL.Unmap.Simple") == "thin"
+    assert variant_of("ALL.WriteSame16.UnmapUnaligned") == "thin4k"
+    assert {unit.name for unit in CONFORMANCE_UNITS} == {"thin", "thin4k", "removable", "readonly"}
 
 
 def test_classify_reads_the_cunit_summary():
