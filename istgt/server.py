@@ -12,6 +12,7 @@ from istgt.iscsi.connection import Connection, corked
 from istgt.iscsi.session import SessionRegistry
 from istgt.lu.backends import BackendError, FileBackend
 from istgt.lu.copy_targets import CopyTargets
+from istgt.lu.atomic_journal import AtomicWriteJournal
 from istgt.lu.state import StateFile
 from istgt.lu.unit import LogicalUnit
 
@@ -69,23 +70,39 @@ def _build_disk(lu_config, lun, state_directory: str | None):
                                    lu_config.block_length)
     except BackendError as e:
         raise StartupError(f"LU{lu_config.number} ({lu_config.name}): {e}") from None
-    state = None
+    state = journal = None
     if state_directory is not None:
-        state = StateFile(os.path.join(state_directory,
-                                       f"{lu_config.name}.lun{lun.number}.pr.json"))
+        prefix = os.path.join(state_directory, f"{lu_config.name}.lun{lun.number}")
+        state = StateFile(f"{prefix}.pr.json")
+        if not lu_config.read_only:
+            try:
+                journal = AtomicWriteJournal(f"{prefix}.atomic")
+            except OSError as e:
+                backend.close()
+                raise StartupError(f"{where}: atomic write journal {prefix}.atomic: "
+                                   f"{e.strerror}") from None
     try:
         if getattr(lun, "provisioning", None) == "full":
             backend.preallocate()
-        return DiskDevice(lu_config, lun, backend, state)
+        return DiskDevice(lu_config, lun, backend, state, journal)
     except BackendError as e:
-        backend.close()
+        _close_stores(backend, journal)
         raise StartupError(f"{where}: Provisioning Full: {e}") from None
     except ProvisioningError as e:
-        backend.close()
+        _close_stores(backend, journal)
         raise StartupError(f"{where}: {e}") from None
     except ValueError as e:
-        backend.close()
+        _close_stores(backend, journal)
         raise StartupError(f"{where}: saved reservations unreadable: {e}") from None
+    except OSError as e:
+        _close_stores(backend, journal)
+        raise StartupError(f"{where}: replaying the atomic write journal: {e}") from None
+
+
+def _close_stores(backend, journal) -> None:
+    backend.close()
+    if journal is not None:
+        journal.close()
 
 
 class Server:

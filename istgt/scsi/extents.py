@@ -14,55 +14,57 @@ from contextlib import contextmanager
 
 
 class ExtentLocks:
+    """First come, first served among overlapping requests: a request waits only for
+    earlier ones it conflicts with, so neither a stream of reads and writes nor a stream
+    of COMPARE AND WRITEs (VMware's ATS heartbeat) can starve the other."""
+
     def __init__(self) -> None:
         self._changed = threading.Condition(threading.Lock())
         self._next_token = 0                                # guarded by _changed
-        # guarded by _changed: token -> (first LBA, end LBA) of each holder
+        # guarded by _changed: token -> (first LBA, end LBA) of every request, granted or
+        # waiting, in arrival order (tokens grow)
         self._shared: dict[int, tuple[int, int]] = {}
-        # exclusive holders and waiters; a waiter already keeps new shared holders out,
-        # so a steady stream of reads cannot starve a COMPARE AND WRITE
         self._exclusive: dict[int, tuple[int, int]] = {}
 
     @staticmethod
-    def _overlaps(ranges: dict[int, tuple[int, int]], start: int, end: int,
-                  before: int | None = None) -> bool:
-        return any(first < end and start < last for token, (first, last) in ranges.items()
-                   if before is None or token < before)
+    def _earlier_overlap(ranges: dict[int, tuple[int, int]], token: int, start: int,
+                         end: int) -> bool:
+        return any(other < token and first < end and start < last
+                   for other, (first, last) in ranges.items())
+
+    def _enter(self, exclusive: bool, lba: int, blocks: int) -> int:
+        start, end = lba, lba + max(blocks, 1)
+        with self._changed:
+            token = self._next_token
+            self._next_token += 1
+            (self._exclusive if exclusive else self._shared)[token] = (start, end)
+            while (self._earlier_overlap(self._exclusive, token, start, end)
+                   or exclusive and self._earlier_overlap(self._shared, token, start, end)):
+                self._changed.wait()
+        return token
+
+    def _leave(self, exclusive: bool, token: int) -> None:
+        with self._changed:
+            del (self._exclusive if exclusive else self._shared)[token]
+            # Shared requests wait only on exclusive ones; exclusive ones wait on any.
+            if exclusive or self._exclusive:
+                self._changed.notify_all()
 
     @contextmanager
     def shared(self, lba: int, blocks: int) -> Iterator[None]:
-        start, end = lba, lba + max(blocks, 1)
-        with self._changed:
-            while self._exclusive and self._overlaps(self._exclusive, start, end):
-                self._changed.wait()
-            token = self._next_token
-            self._next_token += 1
-            self._shared[token] = (start, end)
+        token = self._enter(False, lba, blocks)
         try:
             yield
         finally:
-            with self._changed:
-                del self._shared[token]
-                if self._exclusive:
-                    self._changed.notify_all()
+            self._leave(False, token)
 
     @contextmanager
     def exclusive(self, lba: int, blocks: int) -> Iterator[None]:
-        start, end = lba, lba + max(blocks, 1)
-        with self._changed:
-            token = self._next_token
-            self._next_token += 1
-            self._exclusive[token] = (start, end)
-            # Exclusive holders go in arrival order: wait only for earlier ones.
-            while (self._overlaps(self._shared, start, end)
-                   or self._overlaps(self._exclusive, start, end, before=token)):
-                self._changed.wait()
+        token = self._enter(True, lba, blocks)
         try:
             yield
         finally:
-            with self._changed:
-                del self._exclusive[token]
-                self._changed.notify_all()
+            self._leave(True, token)
 
     def idle(self) -> bool:
         """No range is held or awaited (for tests)."""

@@ -92,7 +92,7 @@ class SanitizeState:
             thread = threading.Thread(target=self._run, name="sanitize", daemon=True,
                                       args=(operation, allow_unrestricted_exit))
             self._thread = thread
-        thread.start()
+            thread.start()     # under the lock: wait() never sees a thread not yet started
         return thread
 
     def _report(self, blocks_done: int) -> None:

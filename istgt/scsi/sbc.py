@@ -8,6 +8,7 @@ leaves a status (and sense data for CHECK CONDITION); it never raises.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import struct
 import threading
@@ -48,8 +49,8 @@ MAX_TRANSFER_BYTES = 32 * 1024 * 1024
 OPTIMAL_TRANSFER_BYTES = 1024 * 1024
 MAX_WRITE_SAME_BYTES = 64 * 1024 * 1024
 MAX_COMPARE_AND_WRITE_BLOCKS = 255
-# WRITE ATOMIC(16): the whole write is applied under one exclusive extent lock.
-MAX_ATOMIC_TRANSFER_BYTES = 8 * 1024 * 1024
+# WRITE ATOMIC(16): each one passes whole through the LUN's journal.
+MAX_ATOMIC_TRANSFER_BYTES = 1024 * 1024
 WRITE_SAME_CHUNK_BYTES = 1024 * 1024
 
 MAX_UNMAP_DESCRIPTORS = 256
@@ -74,9 +75,12 @@ class DiskDevice:
 
     peripheral_type = PeripheralDeviceType.DIRECT_ACCESS
 
-    def __init__(self, lu: Any, lun: Any, backend: Any, pr_state: Any = None) -> None:
+    def __init__(self, lu: Any, lun: Any, backend: Any, pr_state: Any = None,
+                 atomic_journal: Any = None) -> None:
         """`pr_state`: a lu.state.StateFile keeping persistent reservations made with APTPL
-        across restarts; without one APTPL=1 is refused."""
+        across restarts; without one APTPL=1 is refused. `atomic_journal`: a
+        lu.atomic_journal.AtomicWriteJournal; without one WRITE ATOMIC is not offered (the
+        store alone cannot promise all-or-nothing across a power loss)."""
         self.backend = backend
         self.block_length: int = int(_attr(lu, "block_length", 512))
         self.block_count: int = backend.size // self.block_length
@@ -111,7 +115,10 @@ class DiskDevice:
         # the backend can do; ProvisioningError (a ValueError) refuses the configuration.
         self.provisioning = provisioning.decide(lun, backend, self.block_length)
         self.thin = self.provisioning.thin
-        self.table = THIN_DISK_COMMANDS if self.thin else DISK_COMMANDS
+        self.atomic_journal = None if self.read_only else atomic_journal
+        if self.atomic_journal is not None:
+            self.atomic_journal.recover(backend)    # OSError: the caller refuses to start
+        self.table = command_table(thin=self.thin, atomic=self.atomic_journal is not None)
         self.removable: bool = bool(_attr(lun, "removable_disk", False))
         self.medium = MediumState(self.removable)
         self.sanitizing = sanitize.SanitizeState()
@@ -201,6 +208,8 @@ class DiskDevice:
     def close(self) -> None:
         self.sanitizing.wait()   # an erase is never left half done by a clean shutdown
         self.backend.close()
+        if self.atomic_journal is not None:
+            self.atomic_journal.close()
 
     def lun_numbers(self) -> Iterable[int]:
         return self._all_luns
@@ -342,6 +351,8 @@ class DiskDevice:
 
     @property
     def max_atomic_blocks(self) -> int:
+        if self.atomic_journal is None:
+            return 0
         return MAX_ATOMIC_TRANSFER_BYTES // self.block_length
 
     @property
@@ -595,7 +606,11 @@ def write_atomic(device: DiskDevice, task: ScsiTask) -> None:
         return
     data = data_out(task, blocks * device.block_length)
     with device.extents.exclusive(lba, blocks):
-        device.write_extent(lba, data, force_unit_access=bool(cdb[1] & FUA))
+        try:
+            # Durable when it returns, so FUA and the write cache setting change nothing.
+            device.atomic_journal.write(device.backend, lba * device.block_length, data)
+        except OSError as exc:
+            raise _write_failure(device.lun_number, lba, exc) from None
 
 
 def write_same(device: DiskDevice, task: ScsiTask) -> None:
@@ -965,11 +980,6 @@ DISK_COMMANDS = CommandTable(
             ((1, 0x06), *_LBA16, *_LEN16, *_GROUP16), **_MEDIUM,
         ),
         _spec(
-            Opcode.WRITE_ATOMIC_16, "WRITE ATOMIC(16)", write_atomic, _OUT,
-            ((1, DPO | FUA), *_LBA16, (10, 0xFF), (11, 0xFF), (12, 0xFF), (13, 0xFF), *_GROUP16),
-            **_MEDIUM,
-        ),
-        _spec(
             Opcode.WRITE_SAME_16, "WRITE SAME(16)", write_same, _OUT,
             ((1, 0x09), *_LBA16, *_LEN16, *_GROUP16), **_MEDIUM,
         ),
@@ -1022,10 +1032,24 @@ DISK_COMMANDS = CommandTable(
 
 # A LUN whose backend can deallocate blocks also takes UNMAP (ANCHOR is not supported)
 # and SANITIZE BLOCK ERASE (deallocation is what erases a block of a file).
-THIN_DISK_COMMANDS = CommandTable(
-    [
-        *DISK_COMMANDS.specs,
-        _spec(Opcode.UNMAP, "UNMAP", unmap, _OUT, (*_GROUP10, *_LEN10), **_MEDIUM),
-        _sanitize_spec(sanitize.BLOCK_ERASE, "BLOCK ERASE"),
-    ]
+_THIN_ONLY = (
+    _spec(Opcode.UNMAP, "UNMAP", unmap, _OUT, (*_GROUP10, *_LEN10), **_MEDIUM),
+    _sanitize_spec(sanitize.BLOCK_ERASE, "BLOCK ERASE"),
 )
+# Only with an atomic write journal (a StateDirectory to keep it in).
+_ATOMIC_ONLY = (
+    _spec(
+        Opcode.WRITE_ATOMIC_16, "WRITE ATOMIC(16)", write_atomic, _OUT,
+        ((1, DPO | FUA), *_LBA16, (10, 0xFF), (11, 0xFF), (12, 0xFF), (13, 0xFF), *_GROUP16),
+        **_MEDIUM,
+    ),
+)
+
+
+@functools.cache
+def command_table(thin: bool, atomic: bool) -> CommandTable:
+    return CommandTable([*DISK_COMMANDS.specs, *(_THIN_ONLY if thin else ()),
+                         *(_ATOMIC_ONLY if atomic else ())])
+
+
+THIN_DISK_COMMANDS = command_table(thin=True, atomic=False)

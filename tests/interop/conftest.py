@@ -154,6 +154,7 @@ def write_config(layout: TargetLayout) -> None:
         f'  PidFile "{directory / "istgt.pid"}"',
         f'  AuthFile "{directory / "auth.conf"}"',
         f'  MediaDirectory "{directory}"',
+        f'  StateDirectory "{directory / "state"}"',
         "  Timeout 30",
         "  NopInInterval 20",
         "  DiscoveryAuthMethod None",
