@@ -65,8 +65,9 @@ class SanitizeState:
 
     def refusal(self, opcode: int, medium_access: bool) -> CheckCondition | None:
         """The CHECK CONDITION a command gets now, or None when it may run."""
-        with self._lock:
-            running, failed = self._thread is not None, self._failed
+        # Read without the lock (every command asks): a command racing the start of a
+        # sanitize is let through, and the operation's extent lock then waits for it.
+        running, failed = self._thread is not None, self._failed
         if running and opcode not in ALLOWED_DURING:
             return self.in_progress()
         if failed and medium_access and opcode != Opcode.SANITIZE:

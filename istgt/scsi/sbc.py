@@ -382,12 +382,18 @@ class DiskDevice:
             raise CheckCondition(SenseKey.DATA_PROTECT, Asc.LOGICAL_UNIT_SOFTWARE_WRITE_PROTECTED)
 
     def read_blocks(self, lba: int, blocks: int, from_medium: bool) -> bytes | bytearray:
-        with self.extents.shared(lba, blocks):
+        token = self.extents.acquire_shared(lba, blocks)
+        try:
             return self.read_extent(lba, blocks, from_medium)
+        finally:
+            self.extents.release_shared(token)
 
     def write_blocks(self, lba: int, data: bytes | bytearray | memoryview, force_unit_access: bool) -> None:
-        with self.extents.shared(lba, len(data) // self.block_length):
+        token = self.extents.acquire_shared(lba, len(data) // self.block_length)
+        try:
             self.write_extent(lba, data, force_unit_access)
+        finally:
+            self.extents.release_shared(token)
 
     def read_extent(self, lba: int, blocks: int, from_medium: bool) -> bytes | bytearray:
         """read_blocks for a caller that holds the range in `extents`."""
