@@ -62,3 +62,8 @@ def handle(conn, pdu) -> None:
     r = wire.tmf_response(pdu.itt, response, ends_command=not pdu.immediate)
     r.after_send = after
     conn.send([r])
+    if fn == TmfFunction.TARGET_COLD_RESET:
+        # The session ends with this response (RFC 7143 11.5.1): read nothing more from
+        # this connection, or a command sent after the response would still run on the
+        # reset I_T nexus (libiscsi's PreventAllow.ColdReset raced it).
+        conn.closing = True

@@ -1,6 +1,7 @@
 """Task management functions (RFC 7143 11.5/11.6) and the unit attentions they leave."""
 
 import struct
+import time
 
 import pytest
 
@@ -147,6 +148,25 @@ def test_target_cold_reset_closes_every_connection(target):
     resetter.wait_closed(timeout=5)
     observer.wait_closed(timeout=5)
     assert target.session().nop_out(b"again").data == b"again"
+
+
+def test_nothing_sent_after_a_cold_reset_response_runs(target, monkeypatch):
+    """The session ends with the response: a command the initiator sends right after it
+    is neither run nor answered on the reset I_T nexus, however late the connections are
+    then closed (libiscsi's PreventAllow.ColdReset got a stray unit attention that way)."""
+    close_sessions = target.server.close_target_sessions
+
+    def close_late(*args):
+        time.sleep(0.2)     # what a busy machine may do between the response and the close
+        close_sessions(*args)
+
+    monkeypatch.setattr(target.server, "close_target_sessions", close_late)
+    resetter = target.session()
+    assert resetter.tmf(TARGET_COLD_RESET).response == COMPLETE
+    resetter.submit(bytes(6))                                   # TEST UNIT READY
+    after = resetter.wait_closed(timeout=5)
+    assert after == [], f"answered after the cold reset: {after}"
+    assert target.session().tur().status == GOOD
 
 
 def test_tmf_response_carries_sequence_numbers(target):

@@ -78,13 +78,18 @@ def test_journal_leaves_no_record_after_a_completed_write(tmp_path):
     assert journal.recover(store) is None
 
 
-def test_recover_finishes_a_write_the_crash_interrupted(tmp_path):
-    store = RecordingBackend(1 << 20)
-    journal = AtomicWriteJournal(str(tmp_path / "j"))
+def crash_during_write(path, store, offset: int, data: bytes) -> None:
+    """The journal record is durable, then power fails as the store is written."""
+    journal = AtomicWriteJournal(str(path))
     store.fail_next_write = True
     with pytest.raises(PowerLoss):
-        journal.write(store, 8192, b"\xa5" * 4096)
+        journal.write(store, offset, data)
     journal.close()
+
+
+def test_recover_finishes_a_write_the_crash_interrupted(tmp_path):
+    store = RecordingBackend(1 << 20)
+    crash_during_write(tmp_path / "j", store, 8192, b"\xa5" * 4096)
     assert store.read(8192, 4096) == bytes(4096)   # the store never saw the write
     restarted = AtomicWriteJournal(str(tmp_path / "j"))
     assert restarted.recover(store) == 8192
@@ -95,12 +100,8 @@ def test_recover_finishes_a_write_the_crash_interrupted(tmp_path):
 @pytest.mark.parametrize("damage_at", [0, 9, HEADER.size - 1, HEADER.size + 100])
 def test_a_torn_record_is_ignored(tmp_path, damage_at):
     store = RecordingBackend(1 << 20)
-    journal = AtomicWriteJournal(str(tmp_path / "j"))
-    store.fail_next_write = True
-    with pytest.raises(PowerLoss):
-        journal.write(store, 0, b"\x11" * 1024)
-    journal.close()
     path = tmp_path / "j"
+    crash_during_write(path, store, 0, b"\x11" * 1024)
     record = bytearray(path.read_bytes())
     record[damage_at] ^= 0xFF
     path.write_bytes(bytes(record))
@@ -110,11 +111,7 @@ def test_a_torn_record_is_ignored(tmp_path, damage_at):
 
 def test_the_device_replays_the_journal_before_serving(tmp_path):
     store = RecordingBackend(BLOCKS * BL)
-    journal = AtomicWriteJournal(str(tmp_path / "lun0.atomic"))
-    store.fail_next_write = True
-    with pytest.raises(PowerLoss):
-        journal.write(store, 3 * BL, b"\x77" * (2 * BL))
-    journal.close()
+    crash_during_write(tmp_path / "lun0.atomic", store, 3 * BL, b"\x77" * (2 * BL))
     device, _ = journaled_device(tmp_path, backend=store)
     assert read_back(device, 3, 2) == b"\x77" * (2 * BL)
 
