@@ -26,6 +26,11 @@ UPDATE_ENV = "UPDATE_CONFORMANCE"
 # About 230 tests of 0.1-3 s each (~2 min); the limit only guards against a wedged target.
 SUITE_TIMEOUT_S = 1200
 NOT_IMPLEMENTED = re.compile(r"not implemented", re.IGNORECASE)
+# Tests whose own program may crash whatever the target does; a CRASH of these is a FAIL.
+# LUNResetSimpleAsync (libiscsi 1.19) fails an assertion before its callbacks ran and
+# returns, and the callbacks later write into its dead stack frame during the suite's
+# clean-up: glibc then aborts on a corrupted heap in about one run in five.
+CRASH_PRONE = frozenset({"ALL.iSCSITMF.LUNResetSimpleAsync"})
 
 # Every LU is reached through portal group 1 (127.0.0.1) and portal group 3 ([::1]): two
 # target ports, so each test's second session is a real second path.
@@ -91,6 +96,8 @@ def compare(outcomes: list[runner.Outcome], expected: dict[str, runner.Result],
     for outcome in outcomes:
         was = expected.get(outcome.test)
         now = outcome.result
+        if now is runner.Result.CRASH and outcome.test in CRASH_PRONE:
+            now = runner.Result.FAIL
         line = f"{outcome.test}: expected {was.value if was else 'nothing'}, got {now.value}"
         detail = f"{line} {outcome.reason}".rstrip()
         if now in (runner.Result.CRASH, runner.Result.TIMEOUT):
@@ -144,6 +151,16 @@ def test_compare_flags_a_lost_pass_and_any_crash_or_timeout():
     failures, notes = compare(outcomes, expected)
     assert [line.split(":")[0] for line in failures] == ["A", "B", "D"]
     assert [line.split(":")[0] for line in notes] == ["C", "new", "gone"]
+
+
+def test_compare_counts_a_crash_of_a_crash_prone_test_as_its_failure():
+    FAIL, CRASH = runner.Result.FAIL, runner.Result.CRASH
+    prone = next(iter(CRASH_PRONE))
+    failures, _ = compare([outcome(prone, CRASH), outcome("Other", CRASH)],
+                          {prone: FAIL, "Other": FAIL})
+    assert [line.split(":")[0] for line in failures] == ["Other"]
+    failures, _ = compare([outcome(prone, CRASH)], {prone: runner.Result.PASS})
+    assert failures, "a crash is still a regression where a PASS was expected"
 
 
 def test_compare_refuses_a_skip_for_a_missing_command_even_when_expected():
