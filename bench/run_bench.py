@@ -122,7 +122,8 @@ class Target:
             return None
 
 
-def prepare(name: str, root: Path, size_bytes: int, command_prefix: list[str]) -> Target:
+def prepare(name: str, root: Path, size_bytes: int, command_prefix: list[str],
+            control_socket: bool = False) -> Target:
     """A directory with a sparse backing file and an istgt.conf from the shared template."""
     directory = root / name
     directory.mkdir()
@@ -135,6 +136,9 @@ def prepare(name: str, root: Path, size_bytes: int, command_prefix: list[str]) -
         pid_file=directory / "istgt.pid", auth_file=directory / "auth.conf",
         media_dir=directory, control_port=free_port(), port=port, disk=disk,
         size=f"{size_bytes >> 20}MB")
+    if control_socket:      # the Python target's Unix control socket (the C istgt has none)
+        config = config.replace("[UnitControl]\n",
+                                f"[UnitControl]\n  ControlSocket {directory / 'ctl.sock'}\n", 1)
     (directory / "istgt.conf").write_text(config)
     return Target(name, [*command_prefix, "-D", "-c", str(directory / "istgt.conf")],
                   directory, port)
@@ -224,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(tempfile.mkdtemp(prefix="istgt-bench-"))
     size = args.size_mib << 20
-    python_target = prepare("python", root, size, [args.python, "-m", "istgt.main"])
+    python_target = prepare("python", root, size, [args.python, "-m", "istgt.main"],
+                            control_socket=True)
     c_target = prepare("c-istgt", root, size, [C_ISTGT])
     started: list[Target] = []
     status = 1

@@ -312,6 +312,9 @@ class ControlClientConfig:
     timeout: int = 60
     auth: AuthSpec = AuthSpec(method="none")
     auth_entry: AuthEntry | None = None
+    # TCP unless a ControlSocket is named: a file written for the C istgtcontrol has only
+    # Host and Port
+    tcp: bool = False
 
 
 # ---------------------------------------------------------------------------
@@ -1330,4 +1333,6 @@ def load_control_config(path: str | Path) -> ControlClientConfig:
         timeout=reader.integer("Timeout", 60, 0),
         auth=AuthSpec(method=method, mutual=mutual),
         auth_entry=_auth_entry(reader, auth_item) if auth_item else None,
+        tcp=reader.item("ControlSocket") is None
+        and (reader.item("Host") is not None or reader.item("Port") is not None),
     )

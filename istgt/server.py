@@ -12,6 +12,7 @@ from istgt.iscsi.connection import Connection, corked
 from istgt.iscsi.session import SessionRegistry
 from istgt.lu.backends import BackendError, FileBackend
 from istgt.lu.copy_targets import CopyTargets
+from istgt.control.server import ControlServer
 from istgt.lu.atomic_journal import AtomicWriteJournal
 from istgt.lu.state import StateFile
 from istgt.lu.unit import LogicalUnit
@@ -122,6 +123,7 @@ class Server:
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.control = ControlServer(self, config.unit_control, g.auth_file)
         try:
             state_directory = g.state_directory
             if state_directory is not None:
@@ -148,10 +150,13 @@ class Server:
 
     # ---- portals
     def open_portals(self) -> None:
+        """The iSCSI portals and the control socket and portals; OSError names the one
+        that failed (and nothing stays open)."""
         try:
             for tag, group in sorted(self.config.portal_groups.items()):
                 for portal in group.portals:
                     self._listeners.append((self._listen(portal), tag))
+            self.control.open()
         except OSError:
             self._close_listeners()
             raise
@@ -190,6 +195,7 @@ class Server:
             self._threads.append(t)
         keepalive = threading.Thread(target=self._keepalive_loop, daemon=True, name="keepalive")
         keepalive.start()
+        self.control.start()
         self._stopped.wait()
 
     def start(self) -> threading.Thread:
@@ -271,6 +277,7 @@ class Server:
             return
         self._stopping.set()
         self._close_listeners()
+        self.control.close()
         conns = self.connections()
         for conn in conns:
             conn.close_async("target shutting down")

@@ -48,6 +48,34 @@ class MediumState:
                     raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.MEDIUM_REMOVAL_PREVENTED)
                 self._loaded = start
 
+    @property
+    def loaded(self) -> bool:
+        with self._lock:
+            return self._loaded
+
+    @property
+    def prevented(self) -> bool:
+        with self._lock:
+            return bool(self._preventing)
+
+    def operator_eject(self) -> bool:
+        """istgtcontrol unload: eject unless an initiator prevents removal (as a drive's
+        button does nothing then). False when refused."""
+        with self._lock:
+            if not self.removable or self._preventing:
+                return False
+            self._loaded = False
+            return True
+
+    def operator_load(self) -> bool:
+        """istgtcontrol load: close the tray; True when a medium was not loaded before."""
+        with self._lock:
+            if not self.removable:
+                return False
+            was_loaded, self._loaded = self._loaded, True
+            self._stopped = False
+            return not was_loaded
+
     def nexus_lost(self, nexus: ITNexus) -> None:
         with self._lock:
             self._preventing.discard(nexus)

@@ -302,6 +302,20 @@ class DiskDevice:
         if self.abort_nexuses is not None:
             self.abort_nexuses(self.lun_number, patterns)
 
+    def operator_unload(self) -> bool:
+        """Eject at the operator's request (istgtcontrol unload); False when removal is
+        prevented or the LUN is not removable."""
+        return self.medium.operator_eject()
+
+    def operator_load(self) -> bool:
+        """Load at the operator's request (istgtcontrol load). A medium that arrives is
+        announced to every I_T nexus: NOT READY TO READY CHANGE, MEDIUM MAY HAVE CHANGED."""
+        if not self.medium.removable:
+            return False
+        if self.medium.operator_load():
+            self._queue_unit_attention(Asc.NOT_READY_TO_READY_CHANGE)
+        return True
+
     def mode_select_changed(self, nexus: ITNexus) -> None:
         self._queue_unit_attention(Asc.MODE_PARAMETERS_CHANGED, except_nexus=nexus)
 

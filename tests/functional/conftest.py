@@ -60,6 +60,7 @@ class TargetOptions:
     iscsi: dict = field(default_factory=dict)   # Global iSCSI keys, e.g. {"InitialR2T": "No"}
     lun0_storage: str | None = None    # disk1 LUN0 "<path> <size>" instead of a 64 MB file
     lun0_options: tuple[str, ...] = ()  # disk1 "LUN0 Option ..." values, e.g. "Removable Yes"
+    control_lines: tuple[str, ...] = ()  # more [UnitControl] lines, e.g. a Portal and Netmask
 
     def login_kwargs(self) -> dict:
         """What an initiator must offer to log in to disk1 under these options."""
@@ -155,6 +156,7 @@ def write_config(directory: Path, options: TargetOptions, control: str) -> Path:
         "[UnitControl]\n"
         "  AuthMethod None\n"
         f"  ControlSocket {control}/ctl.sock\n" + control_portal +
+        "".join(f"  {line}\n" for line in options.control_lines) +
         "[PortalGroup1]\n" + portals + second_group +
         "[InitiatorGroup1]\n  InitiatorName ALL\n  Netmask 127.0.0.0/8\n  Netmask [::1]\n"
         f'[InitiatorGroup2]\n  InitiatorName "{ALLOWED_INITIATOR}"\n  Netmask ALL\n'

@@ -114,6 +114,8 @@ class TargetLayout:
     chap_port: int
     control_port: int
     units: tuple[LuSpec, ...]
+    # the [UnitControl] authentication lines (its TCP portal; the Unix socket needs none)
+    control_auth: tuple[str, ...] = ("AuthMethod None",)
 
     @property
     def config_path(self) -> Path:
@@ -166,7 +168,8 @@ def write_config(layout: TargetLayout) -> None:
         "  MaxBurstLength 1048576",
         "  MaxRecvDataSegmentLength 262144",
         "[UnitControl]",
-        "  AuthMethod None",
+        f"  ControlSocket {directory / 'ctl.sock'}",
+        *(f"  {line}" for line in layout.control_auth),
         f"  Portal UC1 127.0.0.1:{layout.control_port}",
         "  Netmask 127.0.0.1",
         "[PortalGroup1]",
@@ -259,10 +262,11 @@ class PythonTarget:
                         f"log:\n{self.log_text()}", pytrace=False)
 
 
-def start_target(directory: Path, units: tuple[LuSpec, ...]) -> PythonTarget:
+def start_target(directory: Path, units: tuple[LuSpec, ...],
+                 control_auth: tuple[str, ...] = ("AuthMethod None",)) -> PythonTarget:
     port, chap_port, control_port = free_ports(3)
     layout = TargetLayout(directory=directory, port=port, chap_port=chap_port,
-                          control_port=control_port, units=units)
+                          control_port=control_port, units=units, control_auth=control_auth)
     write_config(layout)
     target = PythonTarget(layout)
     target.start()

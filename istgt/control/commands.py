@@ -1,0 +1,213 @@
+"""The UnitControl commands of one control connection (istgt_lu_ctl.c's table), as pure
+logic over the running server: a request line in, the reply lines out.
+
+`ControlSession(server, peer, auth).handle(line) -> (lines, close)`. `server` is the
+istgt.server.Server (units, sessions, the config); `auth` is a control.auth.ServerChap when
+the connection must authenticate, or None when it need not (the Unix socket, whose file mode
+is the access check, or AuthMethod None).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from istgt import EXTRA_VERSION, __version__
+from istgt.control.auth import ControlAuthError, ServerChap
+from istgt.control.protocol import parse_request
+
+log = logging.getLogger("istgt.ctl")
+
+MAX_LUN = 16383
+
+
+class CommandError(Exception):
+    """The message of the `ERR` line that ends a command."""
+
+
+def banner(local: str, peer: str) -> str:
+    return f"iSCSI Target Controller version {__version__} ({EXTRA_VERSION}) on {local} from {peer}"
+
+
+def _lun_argument(args: list[str], index: int) -> int:
+    if len(args) <= index:
+        return 0
+    try:
+        lun = int(args[index], 0)
+    except ValueError:
+        raise CommandError("invalid parameters") from None
+    if not 0 <= lun <= MAX_LUN:
+        raise CommandError("invalid parameters")
+    return lun
+
+
+class ControlSession:
+    def __init__(self, server: Any, peer: str, auth: ServerChap | None,
+                 auth_optional: bool = False) -> None:
+        self.server = server
+        self.peer = peer
+        self.auth = auth
+        # AuthMethod Auto: AUTH may be used but is not required
+        self.auth_optional = auth_optional
+        self._commands: dict[str, Callable[[list[str]], list[str]]] = {
+            "QUIT": self._quit, "NOOP": self._noop, "VERSION": self._version,
+            "LIST": self._list, "INFO": self._info, "RESET": self._reset,
+            "LOAD": self._load, "UNLOAD": self._unload, "CHANGE": self._change,
+        }
+
+    def handle(self, line: str) -> tuple[list[str], bool]:
+        """Reply lines for one request line, and whether to close the connection after."""
+        command, args = parse_request(line)
+        if not command:
+            return [], False
+        if command == "AUTH":
+            return self._auth(args), False
+        if self.auth is not None and not self.auth.authenticated and not self.auth_optional \
+                and command != "QUIT":
+            return ["ERR auth required"], False
+        handler = self._commands.get(command)
+        if handler is None:
+            return ["ERR unknown command"], False
+        try:
+            lines = handler(args)
+        except CommandError as error:
+            return [f"ERR {error}"], False
+        return [*lines, f"OK {command}"], command == "QUIT"
+
+    # --- commands -------------------------------------------------------------------------
+
+    def _auth(self, args: list[str]) -> list[str]:
+        if self.auth is None:
+            return ["ERR auth not required"]
+        try:
+            lines = self.auth.step(args)
+        except ControlAuthError as error:
+            log.warning("UCTL auth failed from %s: %s", self.peer, error)
+            return [f"ERR {error}"]
+        return [*lines, "OK AUTH"] if self.auth.authenticated else lines
+
+    def _quit(self, args: list[str]) -> list[str]:
+        return []
+
+    def _noop(self, args: list[str]) -> list[str]:
+        return []
+
+    def _version(self, args: list[str]) -> list[str]:
+        return [f"VERSION {__version__} ({EXTRA_VERSION})"]
+
+    def _units(self) -> list[Any]:
+        return [unit for _, unit in sorted(self.server.units.items())]
+
+    def _unit_named(self, name: str) -> Any:
+        for unit in self._units():
+            if unit.name.lower() == name.lower():
+                return unit
+        raise CommandError("no target")
+
+    def _list(self, args: list[str]) -> list[str]:
+        if len(args) > 2:
+            raise CommandError("invalid parameters")
+        if not args:
+            return [f"LIST {unit.name}" for unit in self._units()]
+        unit = self._unit_named(args[0])
+        lun = _lun_argument(args, 1)
+        config = unit.config.luns.get(lun)
+        if config is None or lun not in unit.devices:
+            raise CommandError("no target")
+        return [f"LIST {lun_description(config, unit.devices[lun])}"]
+
+    def _info(self, args: list[str]) -> list[str]:
+        if len(args) > 1:
+            raise CommandError("invalid parameters")
+        wanted = args[0].lower() if args else None
+        lines = [f"INFO {text}" for text in login_lines(self.server, wanted)]
+        return lines or ["INFO no login"]
+
+    def _target_and_lun(self, args: list[str], required: int = 1) -> tuple[Any, int]:
+        if len(args) < required:
+            raise CommandError("invalid parameters")
+        unit = self._unit_named(args[0])
+        lun = _lun_argument(args, 1)
+        if lun not in unit.devices:
+            raise CommandError("no LUN")
+        return unit, lun
+
+    def _reset(self, args: list[str]) -> list[str]:
+        unit, lun = self._target_and_lun(args)
+        log.warning("Unit Reset %s lun%d from %s", unit.name, lun, self.peer)
+        unit.lun_reset(lun)
+        return []
+
+    def _removable(self, args: list[str]) -> tuple[Any, int, Any]:
+        unit, lun = self._target_and_lun(args)
+        device = unit.devices[lun]
+        medium = getattr(device, "medium", None)
+        if medium is None or not medium.removable:
+            raise CommandError("not removable")
+        return unit, lun, device
+
+    def _load(self, args: list[str]) -> list[str]:
+        unit, lun, device = self._removable(args)
+        log.warning("Media Load %s lun%d from %s", unit.name, lun, self.peer)
+        if not device.operator_load():
+            raise CommandError("load")
+        return []
+
+    def _unload(self, args: list[str]) -> list[str]:
+        unit, lun, device = self._removable(args)
+        log.warning("Media Unload %s lun%d from %s", unit.name, lun, self.peer)
+        if not device.operator_unload():
+            raise CommandError("unload")
+        return []
+
+    def _change(self, args: list[str]) -> list[str]:
+        if len(args) < 6:
+            raise CommandError("invalid parameters")
+        self._removable(args[:2])
+        # A disk's medium is its backing store: it cannot be swapped for another file.
+        raise CommandError("change")
+
+
+def lun_description(config: Any, device: Any) -> str:
+    """One LUN as `LIST <iqn> <lun>` describes it."""
+    path = config.path
+    if config.kind == "device":
+        return f'lun{config.number} device "{path}"'
+    if config.kind == "removable" or getattr(config, "removable_disk", False):
+        medium = getattr(device, "medium", None)
+        present = "present" if medium is None or medium.loaded else "absent"
+        locked = "lock" if medium is not None and medium.prevented else "unlock"
+        flags = ",".join(config.flags) or ("ro" if getattr(device, "read_only", False) else "rw")
+        size = "auto" if config.size is None else str(config.size)
+        return f'lun{config.number} removable {present} {locked} - {flags} "{path}" {size}'
+    size = device.block_count * device.block_length
+    return f'lun{config.number} storage "{path}" {size}'
+
+
+def login_lines(server: Any, target_name: str | None) -> list[str]:
+    """`Login from ...` for every connection of every normal session (of one target)."""
+    lines = []
+    for session in sorted(server.sessions.all(), key=lambda s: (s.target_name, s.tsih)):
+        if session.discovery or session.target is None:
+            continue
+        if target_name is not None and session.target_name.lower() != target_name:
+            continue
+        for conn in sorted(session.members(), key=lambda c: c.cid):
+            values = conn.values
+            if values is None:
+                continue
+            lines.append(
+                f"Login from {session.initiator_name} ({conn.peer_ip}) on "
+                f"{session.target_name} LU{session.target.number} "
+                f"({conn.local_ip}:{conn.local_port},{conn.portal_group_tag}), "
+                f"ISID={int.from_bytes(session.isid, 'big'):x}, TSIH={session.tsih}, "
+                f"CID={conn.cid}, HeaderDigest={'on' if values.header_digest else 'off'}, "
+                f"DataDigest={'on' if values.data_digest else 'off'}, "
+                f"MaxConnections={values.max_connections}, "
+                f"FirstBurstLength={values.first_burst_length}, "
+                f"MaxBurstLength={values.max_burst_length}, "
+                f"MaxRecvDataSegmentLength={values.max_recv_data_segment_length_target}, "
+                f"InitialR2T={'Yes' if values.initial_r2t else 'No'}, "
+                f"ImmediateData={'Yes' if values.immediate_data else 'No'}")
+    return lines

@@ -1,0 +1,153 @@
+"""The control channel of the running target: what its commands do to logged-in initiators,
+its socket and portal, and input that must not hurt it."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from istgt.control.server import ControlServer
+from tests.functional.conftest import (
+    CHECK_CONDITION, GOOD, NODE_BASE, asc_ascq, free_port, sense_key,
+)
+
+DISK1 = f"{NODE_BASE}:disk1"
+PREVENT = bytes([0x1E, 0, 0, 0, 1, 0])
+ALLOW = bytes([0x1E, 0, 0, 0, 0, 0])
+NOT_READY, UNIT_ATTENTION = 2, 6
+
+
+class Control:
+    """A raw UnitControl connection over the target's Unix socket."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(5)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rb")
+        self.banner = self.read()
+
+    def read(self) -> str:
+        line = self.file.readline()
+        if not line:
+            raise ConnectionError("closed")
+        return line.decode().rstrip("\r\n")
+
+    def ask(self, line: str | bytes) -> list[str]:
+        self.sock.sendall((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        replies = []
+        while True:
+            reply = self.read()
+            replies.append(reply)
+            if reply.startswith(("OK", "ERR")):
+                return replies
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def socket_path(target) -> str:
+    return f"{target.control_directory}/ctl.sock"
+
+
+@pytest.fixture
+def control(target):
+    connection = Control(socket_path(target))
+    yield connection
+    connection.close()
+
+
+def expect_sense(result, key, asc):
+    assert result.status == CHECK_CONDITION
+    assert (sense_key(result.sense), asc_ascq(result.sense)) == (key, asc)
+
+
+def test_banner_and_the_socket_file(target, control):
+    assert control.banner.startswith("iSCSI Target Controller version ")
+    assert control.banner.endswith(" from local")
+    assert os.stat(socket_path(target)).st_mode & 0o777 == 0o600
+    assert control.ask("NOOP") == ["OK NOOP"]
+
+
+def test_unload_and_load_reach_the_initiator(make_target):
+    target = make_target(lun0_options=("Removable Yes",))
+    control = Control(socket_path(target))
+    initiator = target.session()
+    assert control.ask(f"UNLOAD {DISK1} 0") == ["OK UNLOAD"]
+    expect_sense(initiator.tur(), NOT_READY, (0x3A, 0x00))          # MEDIUM NOT PRESENT
+    assert control.ask(f"LOAD {DISK1} 0") == ["OK LOAD"]
+    expect_sense(initiator.tur(), UNIT_ATTENTION, (0x28, 0x00))     # NOT READY TO READY
+    assert initiator.tur().status == GOOD
+    assert initiator.scsi(PREVENT).status == GOOD
+    assert control.ask(f"UNLOAD {DISK1}") == ["ERR unload"]         # removal prevented
+    assert initiator.tur().status == GOOD
+    assert initiator.scsi(ALLOW).status == GOOD
+    assert control.ask(f"UNLOAD {DISK1}") == ["OK UNLOAD"]
+    control.close()
+
+
+def test_reset_raises_the_reset_unit_attention(target, control):
+    initiator = target.session()
+    assert control.ask(f'RESET "{DISK1}" 0') == ["OK RESET"]
+    expect_sense(initiator.tur(), UNIT_ATTENTION, (0x29, 0x03))
+    assert initiator.tur().status == GOOD
+
+
+def test_info_lists_every_connection_of_normal_sessions(target, control):
+    first = target.session()
+    second = target.session(initiator_name="iqn.2024-01.org.example:second")
+    lines = control.ask("INFO")
+    assert lines[-1] == "OK INFO" and len(lines) == 3
+    for initiator in (first, second):
+        isid = f"{int.from_bytes(initiator.isid, 'big'):x}"
+        assert any(f"ISID={isid}, TSIH={initiator.tsih}, CID=0," in line for line in lines)
+    assert control.ask(f"INFO {NODE_BASE}:other") == ["INFO no login", "OK INFO"]
+
+
+def test_hostile_lines_are_answered_and_the_daemon_carries_on(target, control):
+    replies = control.ask(b"A" * 100_000)           # no terminator for 100 kB: cut in pieces
+    assert replies == ["ERR unknown command"]        # the first piece; the rest follow
+    control.sock.sendall(b"\x00\xff\xfe garbage\r\n" + b"LIST \"unterminated\r\n")
+    control.sock.sendall(b"NOOP\r\n")
+    seen = []
+    while "OK NOOP" not in seen:
+        seen.append(control.read())
+    assert all(line.startswith(("ERR ", "OK ")) for line in seen)
+    fresh = Control(socket_path(target))
+    assert fresh.ask("VERSION")[-1] == "OK VERSION"
+    fresh.close()
+
+
+def test_tcp_portal_refuses_addresses_outside_its_netmask(make_target):
+    port = free_port("127.0.0.1")
+    target = make_target(control_lines=(f"Portal UC1 127.0.0.1:{port}", "Netmask 192.0.2.0/24"))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        assert sock.recv(100) == b""                 # closed without a banner
+    assert Control(socket_path(target)).ask("NOOP") == ["OK NOOP"]   # the socket still works
+
+
+def test_a_live_socket_is_never_taken_over_but_a_stale_one_is(target, tmp_path):
+    rival = ControlServer(target.server, target.server.config.unit_control,
+                          target.server.config.global_.auth_file)
+    with pytest.raises(OSError, match="another istgt is listening there"):
+        rival.open()
+    stale = str(tmp_path / "stale.sock")
+    leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    leftover.bind(stale)
+    leftover.close()                                   # the file stays, nobody listens
+    config = target.server.config.unit_control.__class__(socket_path=stale)
+    replacement = ControlServer(target.server, config, "")
+    replacement.open()
+    replacement.close()
+    assert not os.path.exists(stale)
+
+
+def test_the_socket_is_removed_at_shutdown(make_target):
+    target = make_target()
+    path = socket_path(target)
+    assert os.path.exists(path)
+    target.server.shutdown()
+    assert not os.path.exists(path)
