@@ -24,6 +24,7 @@ LISTEN_BACKLOG = 128
 SHUTDOWN_WAIT = 10.0
 SPARE_CONNECTIONS = 64    # connections beyond MaxSessions x MaxConnections (logins, discovery)
 KEEPALIVE_TICK = 0.25     # NOP-In timing granularity (seconds)
+GROWTH_CHECK_S = 2.0      # how often Auto-sized LUNs look at their backing store's size
 
 
 class StartupError(Exception):
@@ -243,10 +244,17 @@ class Server:
 
     def _keepalive_loop(self) -> None:
         g = self.config.global_
+        next_growth_check = time.monotonic() + GROWTH_CHECK_S
         while not self._stopping.wait(KEEPALIVE_TICK):
             now = time.monotonic()
             for conn in self.connections():
                 conn.tick(now, g.nop_in_interval, g.timeout)
+            if now >= next_growth_check:
+                next_growth_check = now + GROWTH_CHECK_S
+                for unit in list(self.units.values()):
+                    for device in unit.devices.values():
+                        if hasattr(device, "notice_growth"):
+                            device.notice_growth()
 
     def connections(self) -> list[Connection]:
         with self._lock:

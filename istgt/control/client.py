@@ -24,8 +24,8 @@ from istgt.control.protocol import LineBuffer, quote, split_line
 
 OPTIONS = "c:h:p:t:l:f:s:qvA:U:S:M:R:VH"
 DEFAULT_CONFIG = "/etc/istgt/istgtcontrol.conf"
-COMMANDS = ("noop", "version", "list", "load", "unload", "change", "reset", "info")
-NEEDS_TARGET = ("load", "unload", "change", "reset")
+COMMANDS = ("noop", "version", "list", "load", "unload", "change", "reset", "info", "resize")
+NEEDS_TARGET = ("load", "unload", "change", "reset", "resize")
 USAGE = (
     "Usage: istgtcontrol [options] <command> [<file>]\n"
     "options:\n"
@@ -55,6 +55,7 @@ USAGE = (
     "    change     change media with <file> at specified unit\n"
     "    reset      reset specified lun of unit\n"
     "    info       display connection information\n"
+    "    resize     grow the disk at specified lun to -s size (auto: its file's size)\n"
 )
 
 
@@ -207,6 +208,8 @@ def _request_line(request: Request) -> str:
         if target is None:
             return command.upper()
         return f"LIST {target} {request.lun}" if command == "list" else f"INFO {target}"
+    if command == "resize":
+        return f"RESIZE {target} {request.lun} {quote(request.size)}"
     if command == "change":
         return (f"CHANGE {target} {request.lun} {quote('-')} {quote(request.flags)} "
                 f"{quote(request.file or '')} {quote(request.size)}")

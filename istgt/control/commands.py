@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from istgt import EXTRA_VERSION, __version__
+from istgt.config import parse_size
 from istgt.control.auth import ControlAuthError, ServerChap
 from istgt.control.protocol import parse_request
 
@@ -54,6 +55,7 @@ class ControlSession:
             "QUIT": self._quit, "NOOP": self._noop, "VERSION": self._version,
             "LIST": self._list, "INFO": self._info, "RESET": self._reset,
             "LOAD": self._load, "UNLOAD": self._unload, "CHANGE": self._change,
+            "RESIZE": self._resize,
         }
 
     def handle(self, line: str) -> tuple[list[str], bool]:
@@ -167,6 +169,28 @@ class ControlSession:
         self._removable(args[:2])
         # A disk's medium is its backing store: it cannot be swapped for another file.
         raise CommandError("change")
+
+
+    def _resize(self, args: list[str]) -> list[str]:
+        """RESIZE <iqn> <lun> [<size>|auto]: grow a disk LUN online (new)."""
+        if len(args) < 2 or len(args) > 3:
+            raise CommandError("invalid parameters")
+        unit, lun = self._target_and_lun(args)
+        device = unit.devices[lun]
+        if not hasattr(device, "resize"):
+            raise CommandError("not resizable")
+        wanted = args[2] if len(args) == 3 else "auto"
+        try:
+            size = None if wanted.lower() == "auto" else parse_size(wanted)
+        except ValueError:
+            raise CommandError("invalid parameters") from None
+        try:
+            blocks = device.resize(size)
+        except Exception as error:   # a shrink (ValueError) or the store refused to grow
+            raise CommandError(f"resize: {error}") from None
+        log.warning("Resize %s lun%d to %d bytes from %s", unit.name, lun,
+                    blocks * device.block_length, self.peer)
+        return [f"RESIZE lun{lun} {blocks * device.block_length}"]
 
 
 def lun_description(config: Any, device: Any) -> str:

@@ -148,6 +148,26 @@ class FileBackend:
             os.close(fd)
             raise
 
+    def stored_size(self) -> int:
+        """What the file or device holds now (it may have grown since it was opened)."""
+        return _current_size(self.path, self._fd)
+
+    def grow(self, size: int) -> None:
+        """Expose `size` bytes, more than now: a regular file is extended sparsely, a block
+        device must hold them already. BackendError when it cannot."""
+        if size <= self.size:
+            raise BackendError(self.path, f"{size} bytes is not larger than {self.size}")
+        actual = self.stored_size()
+        if actual < size:
+            if self.block_device or self.read_only:
+                raise BackendError(self.path, f"holds {actual} bytes, less than {size}")
+            try:
+                os.ftruncate(self._fd, size)     # sparse: no blocks allocated
+            except OSError as exc:
+                raise BackendError(self.path, f"cannot extend to {size} bytes: "
+                                              f"{exc.strerror}") from None
+        self.size = size
+
     def _mark_dirty(self) -> None:
         if not self._dirty:             # only the first write after a flush takes the lock
             with self._dirty_lock:
@@ -401,6 +421,16 @@ class MemoryBackend:
 
     def allocation(self, offset: int, length: int) -> tuple[bool, int]:
         return True, length  # RAM is always mapped
+
+    def stored_size(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+    def grow(self, size: int) -> None:
+        with self._lock:
+            if size > len(self._data):
+                self._data.extend(bytes(size - len(self._data)))
+        self.size = size
 
     def flush(self) -> None:
         self.flush_count += 1

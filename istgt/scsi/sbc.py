@@ -84,6 +84,9 @@ class DiskDevice:
         self.backend = backend
         self.block_length: int = int(_attr(lu, "block_length", 512))
         self.block_count: int = backend.size // self.block_length
+        # Auto-sized LUNs follow their backing store as it grows (notice_growth)
+        self.auto_size: bool = getattr(lun, "size", 0) is None
+        self._resize_lock = threading.Lock()
         if self.block_count <= 0:
             raise ValueError(f"LUN{lun.number}: backing store smaller than one block")
         self.read_only: bool = bool(_attr(lu, "read_only", False)) or bool(
@@ -301,6 +304,41 @@ class DiskDevice:
     def _preempt_abort(self, patterns: frozenset[ITNexus]) -> None:
         if self.abort_nexuses is not None:
             self.abort_nexuses(self.lun_number, patterns)
+
+    def resize(self, size: int | None = None) -> int:
+        """Grow the LUN online to `size` bytes (None: what the backing store holds now),
+        rounded down to whole blocks; returns the block count. Every I_T nexus is told
+        CAPACITY DATA HAS CHANGED (SBC-4 4.10). ValueError for less than now (shrinking
+        would cut off data an initiator has); the backend's error when it cannot grow."""
+        with self._resize_lock:
+            wanted = self.backend.stored_size() if size is None else size
+            blocks = wanted // self.block_length
+            if blocks < self.block_count:
+                raise ValueError(f"{blocks * self.block_length} bytes is less than the "
+                                 f"current {self.block_count * self.block_length}")
+            if blocks == self.block_count:
+                return blocks
+            self.backend.grow(blocks * self.block_length)
+            old, self.block_count = self.block_count, blocks
+        log.warning("LUN%d: capacity %d -> %d blocks of %d bytes", self.lun_number, old,
+                    blocks, self.block_length)
+        self._queue_unit_attention(Asc.CAPACITY_DATA_HAS_CHANGED)
+        return blocks
+
+    def notice_growth(self) -> None:
+        """Called now and then: an Auto-sized LUN whose file or device grew grows too."""
+        if not self.auto_size:
+            return
+        try:
+            grown = self.backend.stored_size() // self.block_length > self.block_count
+        except OSError:
+            return       # the next medium access reports the store's trouble
+        if grown:
+            try:
+                self.resize(None)
+            except Exception as exc:     # BackendError from the store: keep serving
+                log.error("LUN%d: cannot follow the grown backing store: %s",
+                          self.lun_number, exc)
 
     def operator_unload(self) -> bool:
         """Eject at the operator's request (istgtcontrol unload); False when removal is

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 
+from istgt.control.client import main as client_main
 from istgt.control.server import ControlServer
 from tests.functional.conftest import (
     CHECK_CONDITION, GOOD, NODE_BASE, asc_ascq, free_port, sense_key,
@@ -151,3 +153,63 @@ def test_the_socket_is_removed_at_shutdown(make_target):
     assert os.path.exists(path)
     target.server.shutdown()
     assert not os.path.exists(path)
+
+
+# --- online resize ---------------------------------------------------------------------------
+
+READ_CAPACITY_16 = bytes([0x9E, 0x10]) + bytes(8) + (32).to_bytes(4, "big") + bytes(2)
+
+
+def capacity_bytes(initiator) -> int:
+    result = initiator.scsi(READ_CAPACITY_16, read_length=32)
+    assert result.status == GOOD
+    last_lba, block_length = int.from_bytes(result.data[:8], "big"), int.from_bytes(
+        result.data[8:12], "big")
+    return (last_lba + 1) * block_length
+
+
+def test_resize_grows_the_lun_and_tells_every_nexus(target, control):
+    first = target.session()
+    second = target.session(initiator_name="iqn.2024-01.org.example:second")
+    assert capacity_bytes(first) == 64 << 20
+    assert control.ask(f"RESIZE {DISK1} 0 96MB") == [f"RESIZE lun0 {96 << 20}", "OK RESIZE"]
+    for initiator in (first, second):
+        expect_sense(initiator.tur(), UNIT_ATTENTION, (0x2A, 0x09))  # CAPACITY DATA HAS CHANGED
+        assert capacity_bytes(initiator) == 96 << 20
+    assert control.ask(f"LIST {DISK1} 0")[0].endswith(f" {96 << 20}")
+    assert control.ask(f"RESIZE {DISK1} 0 32MB")[0].startswith("ERR resize: ")   # no shrink
+    assert control.ask(f"RESIZE {DISK1} 0 96MB") == [f"RESIZE lun0 {96 << 20}", "OK RESIZE"]
+    assert first.tur().status == GOOD                                # same size: no news
+    assert control.ask(f"RESIZE {DISK1} 0 lots") == ["ERR invalid parameters"]
+
+
+def test_an_auto_sized_lun_follows_its_growing_file(make_target, tmp_path):
+    backing = tmp_path / "auto.img"
+    with open(backing, "wb") as f:
+        f.truncate(8 << 20)
+    target = make_target(lun0_storage=f"{backing} Auto")
+    initiator = target.session()
+    assert capacity_bytes(initiator) == 8 << 20
+    with open(backing, "r+b") as f:
+        f.truncate(12 << 20)                      # the admin grew the file (or the zvol)
+    deadline = time.monotonic() + 10
+    while True:
+        result = initiator.tur()
+        if result.status != GOOD:
+            expect_sense(result, UNIT_ATTENTION, (0x2A, 0x09))
+            break
+        assert time.monotonic() < deadline, "the LUN never noticed its file grew"
+        time.sleep(0.2)
+    assert capacity_bytes(initiator) == 12 << 20
+
+
+def test_istgtcontrol_resize_and_list_through_the_socket(target, tmp_path, capsys):
+    conf = tmp_path / "ctl.conf"
+    conf.write_text(f"[Global]\n  ControlSocket {socket_path(target)}\n")
+    assert client_main(["-c", str(conf), "-t", DISK1, "-s", "80MB", "resize"]) == 0
+    assert capsys.readouterr().out == f"lun0 {80 << 20}\nDONE RESIZE command\n"
+    assert client_main(["-c", str(conf), "-t", DISK1, "list"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith(f" {80 << 20}")
+    assert client_main(["-c", str(conf), "-t", DISK1, "-s", "1MB", "resize"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "ABORT RESIZE command\n" and captured.err.startswith("ERROR resize: ")
