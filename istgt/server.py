@@ -117,12 +117,15 @@ class Server:
         self.max_connections = g.max_sessions * g.iscsi.max_connections + SPARE_CONNECTIONS
         self.units: dict[int, LogicalUnit] = {}
         self._by_name: dict[str, LogicalUnit] = {}
-        self._listeners: list[tuple[socket.socket, int]] = []   # (socket, portal group tag)
+        # (socket, portal group tag, portal): replaced as a whole by reload
+        self._listeners: list[tuple[socket.socket, int, object]] = []
         self.portal_addresses: list[tuple[str, int]] = []
         self._lock = threading.Lock()
         self._connections: set[Connection] = set()     # guarded by _lock
         self._stopping = threading.Event()
         self._stopped = threading.Event()
+        self._reload_lock = threading.Lock()       # one reload at a time
+        self.generation = 0                        # reloads applied
         self._threads: list[threading.Thread] = []
         self.control = ControlServer(self, config.unit_control, g.auth_file)
         try:
@@ -156,13 +159,13 @@ class Server:
         try:
             for tag, group in sorted(self.config.portal_groups.items()):
                 for portal in group.portals:
-                    self._listeners.append((self._listen(portal), tag))
+                    self._listeners.append((self.listen(portal), tag, portal))
             self.control.open()
         except OSError:
             self._close_listeners()
             raise
 
-    def _listen(self, portal) -> socket.socket:
+    def listen(self, portal) -> socket.socket:
         family = portal.family
         try:
             info = socket.getaddrinfo(portal.host, portal.port, family, socket.SOCK_STREAM,
@@ -185,19 +188,22 @@ class Server:
         return sock
 
     def listening_fds(self) -> list[int]:
-        return [s.fileno() for s, _ in self._listeners]
+        return [s.fileno() for s, _, _ in self._listeners]
 
     # ---- running
     def serve_forever(self) -> None:
-        for sock, tag in self._listeners:
-            t = threading.Thread(target=self._accept_loop, args=(sock, tag), daemon=True,
-                                 name=f"acceptor-{sock.getsockname()[1]}")
-            t.start()
-            self._threads.append(t)
+        for sock, tag, _ in self._listeners:
+            self.start_acceptor(sock, tag)
         keepalive = threading.Thread(target=self._keepalive_loop, daemon=True, name="keepalive")
         keepalive.start()
         self.control.start()
         self._stopped.wait()
+
+    def start_acceptor(self, sock: socket.socket, tag: int) -> None:
+        t = threading.Thread(target=self._accept_loop, args=(sock, tag), daemon=True,
+                             name=f"acceptor-{sock.getsockname()[1]}")
+        t.start()
+        self._threads.append(t)
 
     def start(self) -> threading.Thread:
         t = threading.Thread(target=self.serve_forever, daemon=True, name="server")
@@ -209,8 +215,8 @@ class Server:
             try:
                 sock, peer = listener.accept()
             except OSError:
-                if self._stopping.is_set():
-                    return
+                if self._stopping.is_set() or listener.fileno() < 0:
+                    return           # shut down, or the portal was closed by a reload
                 time.sleep(0.05)     # e.g. EMFILE: do not spin
                 continue
             try:
@@ -297,13 +303,16 @@ class Server:
         self._stopped.set()
 
     def _close_listeners(self) -> None:
-        for sock, _ in self._listeners:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+        close_listeners([sock for sock, _, _ in self._listeners])
         self._listeners = []
+
+    # ---- reload (SIGHUP, istgtcontrol refresh)
+    def reload(self):
+        """Re-read the configuration file and apply it (istgt/reload.py); returns what
+        changed. ConfigError or StartupError: nothing changed."""
+        from istgt.reload import apply_reload
+        with self._reload_lock:
+            return apply_reload(self)
 
     def _close_units(self) -> None:
         for unit in self.units.values():
@@ -311,3 +320,12 @@ class Server:
                 unit.shutdown()
             except Exception:
                 log.exception("LU%d: shutdown failed", unit.number)
+
+
+def close_listeners(sockets) -> None:
+    for sock in sockets:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()

@@ -24,7 +24,8 @@ from istgt.control.protocol import LineBuffer, quote, split_line
 
 OPTIONS = "c:h:p:t:l:f:s:qvA:U:S:M:R:VH"
 DEFAULT_CONFIG = "/etc/istgt/istgtcontrol.conf"
-COMMANDS = ("noop", "version", "list", "load", "unload", "change", "reset", "info", "resize")
+COMMANDS = ("noop", "version", "list", "load", "unload", "change", "reset", "info", "resize",
+            "refresh")
 NEEDS_TARGET = ("load", "unload", "change", "reset", "resize")
 USAGE = (
     "Usage: istgtcontrol [options] <command> [<file>]\n"
@@ -56,6 +57,7 @@ USAGE = (
     "    reset      reset specified lun of unit\n"
     "    info       display connection information\n"
     "    resize     grow the disk at specified lun to -s size (auto: its file's size)\n"
+    "    refresh    reload the target's configuration now and show what changed\n"
 )
 
 
@@ -202,7 +204,7 @@ def _chap_exchange(channel: Channel, credentials: Credentials) -> None:
 def _request_line(request: Request) -> str:
     command = request.command
     target = quote(request.target) if request.target else None
-    if command in ("noop", "version"):
+    if command in ("noop", "version", "refresh"):
         return command.upper()
     if command in ("list", "info"):
         if target is None:

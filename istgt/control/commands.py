@@ -55,7 +55,7 @@ class ControlSession:
             "QUIT": self._quit, "NOOP": self._noop, "VERSION": self._version,
             "LIST": self._list, "INFO": self._info, "RESET": self._reset,
             "LOAD": self._load, "UNLOAD": self._unload, "CHANGE": self._change,
-            "RESIZE": self._resize,
+            "RESIZE": self._resize, "REFRESH": self._refresh,
         }
 
     def handle(self, line: str) -> tuple[list[str], bool]:
@@ -170,6 +170,18 @@ class ControlSession:
         # A disk's medium is its backing store: it cannot be swapped for another file.
         raise CommandError("change")
 
+
+    def _refresh(self, args: list[str]) -> list[str]:
+        """REFRESH: reload the configuration now (as SIGHUP) and say what changed."""
+        if args:
+            raise CommandError("invalid parameters")
+        log.warning("Refresh from %s", self.peer)
+        try:
+            report = self.server.reload()
+        except Exception as error:       # ConfigError (FILE:LINE: ...), StartupError, OSError
+            log.error("reload failed, the previous configuration stays: %s", error)
+            raise CommandError(f"refresh: {error}") from None
+        return [f"REFRESH {line}" for line in report.lines()]
 
     def _resize(self, args: list[str]) -> list[str]:
         """RESIZE <iqn> <lun> [<size>|auto]: grow a disk LUN online (new)."""

@@ -95,6 +95,26 @@ class ControlServer:
         self._listeners.append((sock, True))
         log.info("control portal %s", portal.display)
 
+    def reconfigure(self, config: Any, auth_file: str) -> None:
+        """A reloaded [UnitControl]: auth and Netmask apply to new connections; a changed
+        ControlSocket or Portal list is re-opened (on failure the old one is kept)."""
+        old = self.config
+        self.auth_file = auth_file
+        if (old.socket_path, old.portals) == (config.socket_path, config.portals):
+            self.config = config
+            return
+        self.close()
+        self._stopping = threading.Event()
+        self.tcp_addresses = []
+        self.config = config
+        try:
+            self.open()
+        except OSError as e:
+            log.error("control channel: %s; keeping the previous ControlSocket and Portals", e)
+            self.config = old
+            self.open()
+        self.start()
+
     def start(self) -> None:
         for sock, tcp in self._listeners:
             threading.Thread(target=self._accept_loop, args=(sock, tcp), daemon=True,

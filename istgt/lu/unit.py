@@ -25,7 +25,8 @@ class LogicalUnit:
         self.config = config
         self.number = config.number
         self.name = config.name
-        self.devices = devices            # lun number -> device; fixed after start
+        # lun number -> device; changed only by replace_luns (reload), entry by entry
+        self.devices = devices
         self.queue_depth = config.queue_depth
         # QueueDepth 0: one task at a time for the whole LU (istgt's exclusive mode)
         self.exclusive = threading.Lock()
@@ -121,6 +122,32 @@ class LogicalUnit:
         self.abort(lambda t: t.nexus == nexus)
         for device in self.devices.values():
             device.nexus_lost(nexus)
+
+    def replace_luns(self, config, built: dict, removed: set[int]) -> list:
+        """Apply a reloaded [LogicalUnitN] in place: `built` holds new or replacing devices
+        by LUN, `removed` the LUNs that go. Their tasks are aborted first (running ones
+        waited for). Returns the devices taken out, for the caller to close. When the set
+        of LUNs changes, every remaining LUN tells every nexus REPORTED LUNS DATA HAS
+        CHANGED; a replaced LUN is a new device, whose nexuses start with a power-on."""
+        before = set(self.devices)
+        taken = []
+        for lun in sorted(removed | set(built)):
+            if lun in self.devices:
+                self.abort(lambda t, lun=lun: t.lun == lun)
+                taken.append(self.devices.pop(lun))
+        for lun, device in sorted(built.items()):
+            if hasattr(device, "abort_nexuses"):
+                device.abort_nexuses = self._abort_preempted
+            self.devices[lun] = device
+        self.config = config
+        self.number = config.number
+        numbers = sorted(self.devices)
+        for device in self.devices.values():
+            if hasattr(device, "set_lun_numbers"):
+                device.set_lun_numbers(numbers)
+            if set(numbers) != before and hasattr(device, "luns_changed"):
+                device.luns_changed()
+        return taken
 
     def shutdown(self) -> None:
         self._queue.close()

@@ -354,6 +354,10 @@ class DiskDevice:
             self._queue_unit_attention(Asc.NOT_READY_TO_READY_CHANGE)
         return True
 
+    def luns_changed(self) -> None:
+        """The target's LUN inventory changed (reload): REPORTED LUNS DATA HAS CHANGED."""
+        self._queue_unit_attention(Asc.REPORTED_LUNS_DATA_HAS_CHANGED)
+
     def mode_select_changed(self, nexus: ITNexus) -> None:
         self._queue_unit_attention(Asc.MODE_PARAMETERS_CHANGED, except_nexus=nexus)
 
