@@ -57,7 +57,7 @@ USAGE = (
     "    reset      reset specified lun of unit\n"
     "    info       display connection information\n"
     "    resize     grow the disk at specified lun to -s size (auto: its file's size)\n"
-    "    refresh    reload the target's configuration now and show what changed\n"
+    "    refresh    reload the target's configuration now (-v: show what changed)\n"
 )
 
 
@@ -81,6 +81,7 @@ class Request:
     flags: str
     size: str
     file: str | None
+    verbose: bool = False
 
 
 @dataclass
@@ -204,8 +205,10 @@ def _chap_exchange(channel: Channel, credentials: Credentials) -> None:
 def _request_line(request: Request) -> str:
     command = request.command
     target = quote(request.target) if request.target else None
-    if command in ("noop", "version", "refresh"):
+    if command in ("noop", "version"):
         return command.upper()
+    if command == "refresh":
+        return "REFRESH VERBOSE" if request.verbose else "REFRESH"
     if command in ("list", "info"):
         if target is None:
             return command.upper()
@@ -335,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         err.write("invalid lun or port\n")
         return 1
     request = Request(command, target, lun, options.get("-f", config.flags),
-                      options.get("-s", config.size), rest[1] if len(rest) > 1 else None)
+                      options.get("-s", config.size), rest[1] if len(rest) > 1 else None,
+                      verbose="-v" in options)
     if command in NEEDS_TARGET and request.target is None:
         out.write(USAGE)
         return 1

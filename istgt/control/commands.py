@@ -172,8 +172,9 @@ class ControlSession:
 
 
     def _refresh(self, args: list[str]) -> list[str]:
-        """REFRESH: reload the configuration now (as SIGHUP) and say what changed."""
-        if args:
+        """REFRESH [VERBOSE]: reload the configuration now (as SIGHUP). Plain, it answers
+        only OK or ERR, as the C tool expects; VERBOSE also lists what changed."""
+        if len(args) > 1 or (args and args[0].upper() != "VERBOSE"):
             raise CommandError("invalid parameters")
         log.warning("Refresh from %s", self.peer)
         try:
@@ -181,7 +182,7 @@ class ControlSession:
         except Exception as error:       # ConfigError (FILE:LINE: ...), StartupError, OSError
             log.error("reload failed, the previous configuration stays: %s", error)
             raise CommandError(f"refresh: {error}") from None
-        return [f"REFRESH {line}" for line in report.lines()]
+        return [f"REFRESH {line}" for line in report.lines()] if args else []
 
     def _resize(self, args: list[str]) -> list[str]:
         """RESIZE <iqn> <lun> [<size>|auto]: grow a disk LUN online (new)."""

@@ -188,8 +188,9 @@ def test_refresh_through_the_control_socket(target, tmp_path):
     control = Control(socket_path(target))
     original = target.config_path.read_text()
     rewrite(target, original + new_lu(tmp_path))
-    assert control.ask("REFRESH") == ["REFRESH reload configuration #1", f"REFRESH add {NEW}",
-                                      "OK REFRESH"]
+    assert control.ask("REFRESH VERBOSE") == ["REFRESH reload configuration #1",
+                                              f"REFRESH add {NEW}", "OK REFRESH"]
+    assert control.ask("REFRESH") == ["OK REFRESH"]       # plain: what the C tool expects
     rewrite(target, "[Global]\n  Timeout soon\n")
     reply = control.ask("refresh")
     assert len(reply) == 1 and reply[0].startswith("ERR refresh: ") and "istgt.conf:2" in reply[0]

@@ -21,7 +21,7 @@ import pytest
 
 from tests.functional.initiator import Initiator
 from tests.interop.conftest import (
-    MIB, MUTUAL_SECRET, MUTUAL_USER, REPO_ROOT, TARGET_SECRET, TARGET_USER, LuSpec, free_ports,
+    MIB, MUTUAL_SECRET, NODE_BASE, MUTUAL_USER, REPO_ROOT, TARGET_SECRET, TARGET_USER, LuSpec, free_ports,
     require_tool, start_target, stop_target,
 )
 
@@ -203,3 +203,42 @@ def test_our_tool_drives_the_c_istgt_like_its_own_tool(c_istgt, args):
     assert ours == theirs
     if args == ["version"]:
         assert ours[1].startswith("target version 0.4")
+
+
+# --- reload: SIGHUP and refresh on the real daemon -------------------------------------------
+
+
+def test_sighup_and_refresh_reload_the_running_daemon(tmp_path):
+    require_tool("iscsi-ls")
+    running = start_target(tmp_path / "target", UNITS[:1])
+    try:
+        layout = running.layout
+        portal = f"iscsi://127.0.0.1:{layout.port}"
+        original = layout.config_path.read_text()
+        extra_disk = layout.directory / "extra.img"
+        extra = (f"[LogicalUnit9]\n  TargetName extra\n  Mapping PortalGroup1 InitiatorGroup1\n"
+                 f"  AuthMethod None\n  UnitType Disk\n  LUN0 Storage {extra_disk} 8MB\n")
+        layout.config_path.write_text(original + extra)
+        os.kill(running.process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while f"{UNITS[0].iqn[:-len(DISK)]}extra" not in subprocess.run(
+                ["iscsi-ls", portal], capture_output=True, text=True, timeout=30).stdout:
+            assert time.monotonic() < deadline, "SIGHUP did not add the new LU"
+            time.sleep(0.3)
+        # The C tool's refresh (Debian's patch) and ours, over TCP and the socket.
+        layout.config_path.write_text(original)
+        conf = tmp_path / "ctl.conf"
+        conf.write_text(f"[Global]\n  Host 127.0.0.1\n  Port {layout.control_port}\n")
+        assert run_control([C_ISTGTCONTROL], conf, ["refresh"])[:2] == (0, "DONE REFRESH command\n")
+        listed = run_control(OURS, conf, ["list"])[1].splitlines()
+        assert listed == [UNITS[0].iqn, "DONE LIST command"]
+        layout.config_path.write_text(original + extra)
+        sock_conf = tmp_path / "sock.conf"
+        sock_conf.write_text(f"[Global]\n  ControlSocket {layout.directory / 'ctl.sock'}\n")
+        status, out, _ = run_control(OURS, sock_conf, ["-v", "refresh"])
+        assert status == 0 and f"add {NODE_BASE}:extra" in out and "DONE REFRESH" in out
+        layout.config_path.write_text("[Global]\n  Timeout soon\n")
+        status, out, err = run_control(OURS, sock_conf, ["refresh"])
+        assert (status, out) == (1, "ABORT REFRESH command\n") and "istgt.conf:2" in err
+    finally:
+        stop_target(running)
