@@ -175,6 +175,7 @@ class UnitControlConfig:
     netmasks: tuple[Netmask, ...] = ()  # empty = any address
     auth: AuthSpec = AuthSpec()
     socket_path: str = DEFAULT_CONTROL_SOCKET
+    socket_configured: bool = False   # ControlSocket written in the file (else the default)
 
 
 @dataclass(frozen=True)
@@ -807,6 +808,7 @@ def _unit_control(conf: ConfFile) -> UnitControlConfig:
         netmasks=_netmasks(reader, MAX_NETMASKS),
         auth=reader.auth_spec("AuthMethod", "AuthGroup", "auto"),
         socket_path=reader.string("ControlSocket", DEFAULT_CONTROL_SOCKET),
+        socket_configured=reader.item("ControlSocket") is not None,
     )
 
 

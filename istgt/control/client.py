@@ -25,7 +25,7 @@ from istgt.control.protocol import LineBuffer, quote, split_line
 OPTIONS = "c:h:p:t:l:f:s:qvA:U:S:M:R:VH"
 DEFAULT_CONFIG = "/etc/istgt/istgtcontrol.conf"
 COMMANDS = ("noop", "version", "list", "load", "unload", "change", "reset", "info", "resize",
-            "refresh")
+            "refresh", "stats")
 NEEDS_TARGET = ("load", "unload", "change", "reset", "resize")
 USAGE = (
     "Usage: istgtcontrol [options] <command> [<file>]\n"
@@ -58,6 +58,7 @@ USAGE = (
     "    info       display connection information\n"
     "    resize     grow the disk at specified lun to -s size (auto: its file's size)\n"
     "    refresh    reload the target's configuration now (-v: show what changed)\n"
+    "    stats      I/O counters per LUN and session (all targets, or -t target)\n"
 )
 
 
@@ -209,10 +210,11 @@ def _request_line(request: Request) -> str:
         return command.upper()
     if command == "refresh":
         return "REFRESH VERBOSE" if request.verbose else "REFRESH"
-    if command in ("list", "info"):
+    if command in ("list", "info", "stats"):
         if target is None:
             return command.upper()
-        return f"LIST {target} {request.lun}" if command == "list" else f"INFO {target}"
+        return f"LIST {target} {request.lun}" if command == "list" else \
+            f"{command.upper()} {target}"
     if command == "resize":
         return f"RESIZE {target} {request.lun} {quote(request.size)}"
     if command == "change":

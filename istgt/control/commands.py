@@ -17,6 +17,7 @@ from istgt import EXTRA_VERSION, __version__
 from istgt.config import parse_size
 from istgt.control.auth import ControlAuthError, ServerChap
 from istgt.control.protocol import parse_request
+from istgt.lu.stats import Counters
 
 log = logging.getLogger("istgt.ctl")
 
@@ -55,7 +56,7 @@ class ControlSession:
             "QUIT": self._quit, "NOOP": self._noop, "VERSION": self._version,
             "LIST": self._list, "INFO": self._info, "RESET": self._reset,
             "LOAD": self._load, "UNLOAD": self._unload, "CHANGE": self._change,
-            "RESIZE": self._resize, "REFRESH": self._refresh,
+            "RESIZE": self._resize, "REFRESH": self._refresh, "STATS": self._stats,
         }
 
     def handle(self, line: str) -> tuple[list[str], bool]:
@@ -171,6 +172,13 @@ class ControlSession:
         raise CommandError("change")
 
 
+    def _stats(self, args: list[str]) -> list[str]:
+        """STATS [<iqn>]: I/O counters per LUN since start, then per logged-in session."""
+        if len(args) > 1:
+            raise CommandError("invalid parameters")
+        units = [self._unit_named(args[0])] if args else self._units()
+        return [f"STATS {line}" for line in stats_lines(self.server, units)]
+
     def _refresh(self, args: list[str]) -> list[str]:
         """REFRESH [VERBOSE]: reload the configuration now (as SIGHUP). Plain, it answers
         only OK or ERR, as the C tool expects; VERBOSE also lists what changed."""
@@ -204,6 +212,37 @@ class ControlSession:
         log.warning("Resize %s lun%d to %d bytes from %s", unit.name, lun,
                     blocks * device.block_length, self.peer)
         return [f"RESIZE lun{lun} {blocks * device.block_length}"]
+
+
+def _counters_text(counters: Any) -> str:
+    return (f"commands={counters.commands} read_bytes={counters.read_bytes} "
+            f"written_bytes={counters.written_bytes} "
+            f"avg_latency_us={counters.average_latency_us}")
+
+
+def stats_lines(server: Any, units: list[Any]) -> list[str]:
+    """`LU<n> <iqn> lun<l> ...` for every LUN of `units`, then `session TSIH=<t> <initiator
+    port> on <iqn> ...` for every normal session of them (counts from arrival to answer)."""
+    lines = []
+    by_unit = {unit: unit.stats.snapshot() for unit in units}
+    for unit, snapshot in by_unit.items():
+        for lun in sorted(unit.devices):
+            total = Counters()
+            for (counted_lun, _nexus), counters in snapshot.items():
+                if counted_lun == lun:
+                    total = total + counters
+            lines.append(f"LU{unit.number} {unit.name} lun{lun} {_counters_text(total)}")
+    for session in sorted(server.sessions.all(), key=lambda s: s.tsih):
+        snapshot = by_unit.get(session.target)
+        if session.discovery or snapshot is None:
+            continue
+        total = Counters()
+        for (_lun, nexus), counters in snapshot.items():
+            if nexus == session.nexus:
+                total = total + counters
+        lines.append(f"session TSIH={session.tsih} {session.initiator_port} on "
+                     f"{session.target_name} {_counters_text(total)}")
+    return lines
 
 
 def lun_description(config: Any, device: Any) -> str:

@@ -5,6 +5,7 @@ Netmask ACL and CHAP from its AuthGroup. One thread per control connection, boun
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -42,13 +43,25 @@ class ControlServer:
         """Bind the Unix socket and the TCP portals; OSError names what failed."""
         try:
             if self.config.socket_path:
-                # absolute now: the daemon changes directory after binding
-                self._open_unix(os.path.abspath(self.config.socket_path))
+                self._open_default_or_configured_unix()
             for portal in self.config.portals:
                 self._open_tcp(portal)
         except OSError:
             self.close()
             raise
+
+    def _open_default_or_configured_unix(self) -> None:
+        # absolute now: relative paths keep their meaning whatever the directory later
+        path = os.path.abspath(self.config.socket_path)
+        try:
+            self._open_unix(path)
+        except OSError as e:
+            if self.config.socket_configured or e.errno != errno.EADDRINUSE:
+                raise
+            # A config written for the C istgt names no socket: a second daemon on the
+            # machine must still start (without one; its TCP portals still serve).
+            log.warning("%s; no control socket for this daemon (set [UnitControl] "
+                        "ControlSocket)", e.strerror)
 
     def _open_unix(self, path: str) -> None:
         directory = os.path.dirname(path) or "."
@@ -225,7 +238,7 @@ def _remove_stale_socket(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise OSError(17, "exists and is not a socket")   # EEXIST
+        raise OSError(errno.EEXIST, "exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1)
@@ -235,4 +248,4 @@ def _remove_stale_socket(path: str) -> None:
         return
     finally:
         probe.close()
-    raise OSError(98, "another istgt is listening there")   # EADDRINUSE
+    raise OSError(errno.EADDRINUSE, "another istgt is listening there")

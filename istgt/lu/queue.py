@@ -19,10 +19,11 @@ BATCH_HINT = 16    # tasks a worker takes at once (worker.BATCH): one wake-up pe
 
 
 class QueuedTask:
-    __slots__ = ("task", "done", "attr", "aborted", "_finished")
+    __slots__ = ("task", "done", "attr", "aborted", "_finished", "queued_ns")
 
-    def __init__(self, task, done: Callable, attr: int):
+    def __init__(self, task, done: Callable, attr: int, queued_ns: int = 0):
         self.task = task
+        self.queued_ns = queued_ns        # perf_counter_ns() at arrival, for statistics
         self.done = done
         self.attr = ORDERED if attr == ORDERED else HEAD_OF_QUEUE if attr == HEAD_OF_QUEUE else SIMPLE
         self.aborted = False

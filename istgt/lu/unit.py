@@ -6,9 +6,11 @@ import contextlib
 import logging
 import os
 import threading
+import time
 
 from istgt.scsi import spc
 from istgt.lu.queue import QueuedTask, TaskQueue
+from istgt.lu.stats import IoStats
 from istgt.lu.worker import WorkerPool
 
 log = logging.getLogger("istgt.lu")
@@ -33,8 +35,9 @@ class LogicalUnit:
         limit = max(1, self.queue_depth) * max(1, max_sessions)
         self._queue = TaskQueue(limit)
         workers = 1 if self.queue_depth == 0 else min(MAX_WORKERS, self.queue_depth)
+        self.stats = IoStats()
         self._pool = WorkerPool(f"LU{self.number}", self._queue, self._execute, workers,
-                                completion_batch)
+                                completion_batch, executed=self._count)
         for device in devices.values():
             if hasattr(device, "abort_nexuses"):
                 device.abort_nexuses = self._abort_preempted
@@ -48,13 +51,18 @@ class LogicalUnit:
 
     def submit_many(self, items) -> None:
         """Queue several (task, done) pairs in order, with one lock and few wake-ups."""
-        refused = self._queue.put_many([QueuedTask(t, d, t.attr) for t, d in items])
+        now = time.perf_counter_ns()
+        refused = self._queue.put_many([QueuedTask(t, d, t.attr, now) for t, d in items])
         for entry in refused:
             task = entry.task
             task.status = TASK_SET_FULL
             task.sense = b""
             task.data_in = None
             entry.done(task, False)
+
+    def _count(self, batch) -> None:
+        # one clock reading per batch: its tasks are answered together
+        self.stats.record_batch(batch, time.perf_counter_ns())
 
     def _execute(self, task) -> None:
         if self.queue_depth == 0:

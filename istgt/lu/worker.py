@@ -19,9 +19,10 @@ BATCH = BATCH_HINT
 
 class WorkerPool:
     def __init__(self, name: str, queue: TaskQueue, execute, size: int,
-                 completion_batch=contextlib.nullcontext):
+                 completion_batch=contextlib.nullcontext, executed=None):
         self._queue = queue
         self._execute = execute
+        self._executed = executed     # called with each batch once it ran (statistics)
         self._completion_batch = completion_batch
         self._threads = [threading.Thread(target=self._run, name=f"{name}-worker{i}", daemon=True)
                          for i in range(size)]
@@ -44,6 +45,11 @@ class WorkerPool:
                         self._execute(entry.task)
                 except Exception:  # the device should never raise; keep the worker alive anyway
                     log.exception("task execution failed")
+            if self._executed is not None:
+                try:
+                    self._executed(batch)
+                except Exception:  # statistics must never stop a worker
+                    log.exception("task accounting failed")
             with self._completion_batch():
                 for entry in batch:
                     try:

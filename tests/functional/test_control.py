@@ -147,6 +147,19 @@ def test_a_live_socket_is_never_taken_over_but_a_stale_one_is(target, tmp_path):
     assert not os.path.exists(stale)
 
 
+def test_a_second_daemon_on_the_default_socket_starts_without_one(target, caplog):
+    """A config written for the C istgt names no ControlSocket: every daemon then wants the
+    default path, and the second must still start (its TCP portals still serve)."""
+    busy = target.server.config.unit_control      # ControlSocket of the running target
+    default = busy.__class__(socket_path=busy.socket_path, socket_configured=False)
+    second = ControlServer(target.server, default, "")
+    second.open()
+    assert "no control socket for this daemon" in caplog.text
+    second.close()
+    assert os.path.exists(socket_path(target))     # the first daemon's socket is untouched
+    assert Control(socket_path(target)).ask("NOOP") == ["OK NOOP"]
+
+
 def test_the_socket_is_removed_at_shutdown(make_target):
     target = make_target()
     path = socket_path(target)
@@ -213,3 +226,34 @@ def test_istgtcontrol_resize_and_list_through_the_socket(target, tmp_path, capsy
     assert client_main(["-c", str(conf), "-t", DISK1, "-s", "1MB", "resize"]) == 1
     captured = capsys.readouterr()
     assert captured.out == "ABORT RESIZE command\n" and captured.err.startswith("ERROR resize: ")
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+
+def parse_stats(line: str) -> tuple[str, dict[str, str]]:
+    """`STATS <label> commands=.. read_bytes=..` -> (label, {name: value})."""
+    label, _, counters = line.partition(" commands=")
+    return label, dict(pair.split("=") for pair in f"commands={counters}".split())
+
+
+def test_stats_count_commands_bytes_and_latency_per_lun_and_session(target, control):
+    reader = target.session()
+    writer = target.session(initiator_name="iqn.2024-01.org.example:writer")
+    before = control.ask(f"STATS {DISK1}")
+    assert before[-1] == "OK STATS"
+    assert writer.write10(0, b"\x11" * 8192).status == GOOD
+    result = reader.scsi(bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0]), read_length=4096)
+    assert result.status == GOOD
+    lines = control.ask(f"STATS {DISK1}")
+    fields = dict(parse_stats(line) for line in lines[:-1])
+    lun0 = fields[f"STATS LU1 {DISK1} lun0"]
+    assert int(lun0["written_bytes"]) >= 8192 and int(lun0["read_bytes"]) >= 4096
+    assert int(lun0["commands"]) >= 2 and int(lun0["avg_latency_us"]) > 0
+    sessions = {key: value for key, value in fields.items() if key.startswith("STATS session")}
+    assert len(sessions) == 2
+    by_initiator = {key.split()[3].split(",")[0]: value for key, value in sessions.items()}
+    assert int(by_initiator["iqn.2024-01.org.example:writer"]["written_bytes"]) == 8192
+    assert int(by_initiator["iqn.2024-01.org.example:writer"]["read_bytes"]) == 0
+    assert int(by_initiator[reader.initiator_name]["read_bytes"]) == 4096
+    assert control.ask("STATS iqn.none:x") == ["ERR no target"]

@@ -85,6 +85,8 @@ class Task:
         self.lun = 0
         self.cdb = b"\x00" * 6
         self.status = None
+        self.data_in = self.data_out = None    # what the LU's statistics read
+        self.transfer_length = 0
 
 
 class SlowDevice:

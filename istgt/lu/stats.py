@@ -1,0 +1,70 @@
+"""I/O statistics of one logical unit: completed commands, bytes read and written, and time
+from arrival to completion, per LUN and I_T nexus (istgtcontrol stats).
+
+Every worker thread counts into its own table, so the data path takes no lock; `snapshot`
+adds the tables up (reading another thread's integers is safe under the GIL, and a count
+that is a command behind is fine for statistics).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+COMMANDS, READ_BYTES, WRITTEN_BYTES, LATENCY_NS = range(4)
+
+
+@dataclass(frozen=True)
+class Counters:
+    commands: int = 0
+    read_bytes: int = 0
+    written_bytes: int = 0
+    latency_ns: int = 0
+
+    @property
+    def average_latency_us(self) -> int:
+        return self.latency_ns // self.commands // 1000 if self.commands else 0
+
+    def __add__(self, other: Counters) -> Counters:
+        return Counters(self.commands + other.commands, self.read_bytes + other.read_bytes,
+                        self.written_bytes + other.written_bytes,
+                        self.latency_ns + other.latency_ns)
+
+
+class IoStats:
+    def __init__(self) -> None:
+        # thread ident -> (nexus, lun) -> [commands, read, written, latency ns]; each
+        # thread writes only its own table
+        self._tables: dict[int, dict[tuple[object, int], list[int]]] = {}
+
+    def record_batch(self, batch, now_ns: int) -> None:
+        """Count the entries of a worker's batch (lu.queue.QueuedTask) that ran."""
+        ident = threading.get_ident()
+        table = self._tables.get(ident)
+        if table is None:
+            table = self._tables[ident] = {}
+        for entry in batch:
+            if entry.aborted:
+                continue
+            task = entry.task
+            key = (task.nexus, task.lun)
+            counts = table.get(key)
+            if counts is None:
+                counts = table[key] = [0, 0, 0, 0]
+            counts[COMMANDS] += 1
+            data_in = task.data_in
+            if data_in is not None:
+                counts[READ_BYTES] += min(len(data_in), task.transfer_length)
+            data_out = task.data_out
+            if data_out is not None:
+                counts[WRITTEN_BYTES] += len(data_out)
+            counts[LATENCY_NS] += now_ns - entry.queued_ns
+
+    def snapshot(self) -> dict[tuple[int, object], Counters]:
+        """(lun, nexus) -> counters, summed over the worker threads."""
+        total: dict[tuple[int, object], Counters] = {}
+        for table in list(self._tables.values()):
+            for (nexus, lun), counts in list(table.items()):
+                key = (lun, nexus)
+                total[key] = total.get(key, Counters()) + Counters(*counts)
+        return total
