@@ -33,13 +33,14 @@ class StartupError(Exception):
 
 def build_logical_unit(lu_config, max_sessions: int, state_directory: str | None = None
                        ) -> LogicalUnit:
-    if lu_config.unit_type != "disk":
+    if lu_config.unit_type not in ("disk", "dvd"):
         raise StartupError(f"LU{lu_config.number} ({lu_config.name}): UnitType "
                            f"{lu_config.unit_type} is not supported yet")
+    build = _build_dvd if lu_config.unit_type == "dvd" else _build_disk
     devices = {}
     try:
         for number, lun in sorted(lu_config.luns.items()):
-            devices[number] = _build_disk(lu_config, lun, state_directory)
+            devices[number] = build(lu_config, lun, state_directory)
     except StartupError:
         for d in devices.values():
             d.close()
@@ -99,6 +100,26 @@ def _build_disk(lu_config, lun, state_directory: str | None):
     except OSError as e:
         _close_stores(backend, journal)
         raise StartupError(f"{where}: replaying the atomic write journal: {e}") from None
+
+
+def _build_dvd(lu_config, lun, state_directory: str | None):
+    """A DVD drive with its disc loaded, or empty (`/dev/null`, or an image that is not
+    there: the operator can load one later with istgtcontrol change)."""
+    from istgt.scsi.mmc import DvdDevice
+    backend = None
+    if lun.path != "/dev/null":
+        try:
+            backend = open_dvd_image(lun.path, lun.size)
+        except BackendError as e:
+            log.warning("LU%d (%s) LUN%d: %s; the drive starts empty", lu_config.number,
+                        lu_config.name, lun.number, e)
+    return DvdDevice(lu_config, lun, backend)
+
+
+def open_dvd_image(path: str, size: int | None):
+    """A disc image, read-only, in whole 2048-byte blocks."""
+    from istgt.scsi.mmc import DVD_BLOCK
+    return FileBackend.open(path, size, True, DVD_BLOCK)
 
 
 def _close_stores(backend, journal) -> None:
@@ -305,6 +326,11 @@ class Server:
     def _close_listeners(self) -> None:
         close_listeners([sock for sock, _, _ in self._listeners])
         self._listeners = []
+
+    # ---- media (istgtcontrol change)
+    def open_media(self, unit: LogicalUnit, path: str, size: int | None):
+        """The image for a DVD drive of `unit`; BackendError says why not."""
+        return open_dvd_image(path, size)
 
     # ---- reload (SIGHUP, istgtcontrol refresh)
     def reload(self):

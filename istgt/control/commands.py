@@ -10,6 +10,7 @@ is the access check, or AuthMethod None).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -165,11 +166,29 @@ class ControlSession:
         return []
 
     def _change(self, args: list[str]) -> list[str]:
+        """CHANGE <iqn> <lun> <type> <flags> <file> <size>: put another disc in a DVD drive
+        (`/dev/null` empties it). The file must lie within MediaDirectory."""
         if len(args) < 6:
             raise CommandError("invalid parameters")
-        self._removable(args[:2])
-        # A disk's medium is its backing store: it cannot be swapped for another file.
-        raise CommandError("change")
+        unit, lun, device = self._removable(args[:2])
+        if not hasattr(device, "change_medium"):
+            raise CommandError("change")    # a disk's medium is its backing store
+        _type, flags, file, size_text = args[2:6]
+        path = media_path(file, self.server.config.global_.media_directory)
+        log.warning('Media Change "%s %s %s %s" on %s lun%d from %s', _type, flags, file,
+                    size_text, unit.name, lun, self.peer)
+        backend = None
+        if path != "/dev/null":
+            try:
+                size = None if size_text.lower() == "auto" else parse_size(size_text)
+                backend = self.server.open_media(unit, path, size)
+            except Exception as error:      # unreadable, too small, a bad size
+                raise CommandError(f"change: {error}") from None
+        if not device.change_medium(backend, path):
+            if backend is not None:
+                backend.close()
+            raise CommandError("change: medium removal prevented")
+        return []
 
 
     def _stats(self, args: list[str]) -> list[str]:
@@ -214,6 +233,18 @@ class ControlSession:
         return [f"RESIZE lun{lun} {blocks * device.block_length}"]
 
 
+def media_path(file: str, media_directory: str) -> str:
+    """istgt's CHANGE path rules: a relative name is taken in MediaDirectory, links are
+    resolved, and the result must lie within MediaDirectory (`/dev/null`: no disc)."""
+    if file == "/dev/null":
+        return file
+    base = os.path.realpath(media_directory)
+    path = os.path.realpath(os.path.join(base, file))
+    if os.path.commonpath([base, path]) != base:
+        raise CommandError(f"change: {file} is not within MediaDirectory {media_directory}")
+    return path
+
+
 def _counters_text(counters: Any) -> str:
     return (f"commands={counters.commands} read_bytes={counters.read_bytes} "
             f"written_bytes={counters.written_bytes} "
@@ -255,7 +286,12 @@ def lun_description(config: Any, device: Any) -> str:
         present = "present" if medium is None or medium.loaded else "absent"
         locked = "lock" if medium is not None and medium.prevented else "unlock"
         flags = ",".join(config.flags) or ("ro" if getattr(device, "read_only", False) else "rw")
-        size = "auto" if config.size is None else str(config.size)
+        if hasattr(device, "media_path"):        # a drive: what is in it now
+            path = device.media_path or "/dev/null"
+            size = str(device.block_count * device.block_length) if device.media_path \
+                else "0"
+        else:
+            size = "auto" if config.size is None else str(config.size)
         return f'lun{config.number} removable {present} {locked} - {flags} "{path}" {size}'
     size = device.block_count * device.block_length
     return f'lun{config.number} storage "{path}" {size}'

@@ -146,9 +146,23 @@ def test_a_grown_size_in_the_config_resizes_online(target):
         target.server.reload()
 
 
+def dvd_lu(directory, image) -> str:
+    return (f"[LogicalUnit8]\n  TargetName dvd\n  Mapping PortalGroup1 InitiatorGroup1\n"
+            f"  AuthMethod None\n  UnitType DVD\n  LUN0 Removable ro {image} Auto\n")
+
+
 def test_writes_to_an_untouched_lu_never_notice(target, tmp_path):
-    """The issue's scenario: LU A keeps writing while LU B is added, changed and removed."""
-    original = target.config_path.read_text()
+    """The issue's scenario: LU A keeps writing while LU B is added, changed and removed by
+    reload and the disc in DVD LU C is changed: A sees no error, C sees the media change."""
+    directory = target.config_path.parent
+    (directory / "first.iso").write_bytes(b"\x01" * (1 << 20))
+    (directory / "second.iso").write_bytes(b"\x02" * (2 << 20))
+    original = target.config_path.read_text() + dvd_lu(directory, directory / "first.iso")
+    rewrite(target, original)
+    target.server.reload()
+    drive = target.session(target=f"{NODE_BASE}:dvd")
+    assert drive.tur().status == GOOD
+    control = Control(socket_path(target))
     writer = target.session()
     errors: list[str] = []
     stop = threading.Event()
@@ -177,9 +191,14 @@ def test_writes_to_an_untouched_lu_never_notice(target, tmp_path):
             if b is not None:
                 assert b.tur().status in (GOOD, CHECK_CONDITION)
             time.sleep(0.2)
+        assert control.ask(f"CHANGE {NODE_BASE}:dvd 0 - ro second.iso auto") == ["OK CHANGE"]
+        result = drive.tur()                               # C: NOT READY TO READY CHANGE
+        assert result.status == CHECK_CONDITION and asc_ascq(result.sense) == (0x28, 0x00)
+        assert drive.tur().status == GOOD
     finally:
         stop.set()
         thread.join(10)
+        control.close()
     assert not errors, errors
     assert written[0] > 10
 
