@@ -106,7 +106,7 @@ def _portal_key(tag: int, portal: Any) -> tuple[int, str, int]:
 
 
 def _prepare(server: Any, new: Any) -> _Plan:
-    from istgt.server import StartupError, _build_disk, build_logical_unit
+    from istgt.server import StartupError, build_device, build_logical_unit
     plan = _Plan(new)
     state_directory = new.global_.state_directory
     running = {unit.name.lower(): unit for unit in server.units.values()}
@@ -123,7 +123,7 @@ def _prepare(server: Any, new: Any) -> _Plan:
                 plan.rebuilt[name] = build_logical_unit(lu, new.global_.max_sessions,
                                                         state_directory)
             elif unit.config.luns != lu.luns:
-                plan.changed[name] = _plan_luns(unit, lu, state_directory, _build_disk)
+                plan.changed[name] = _plan_luns(unit, lu, state_directory, build_device)
             else:
                 plan.updated[name] = lu
         plan.removed = sorted(set(running) - set(wanted))
@@ -148,7 +148,7 @@ def _plan_luns(unit: Any, lu: Any, state_directory: str | None, build_disk: Any)
         if old == lun:
             continue
         if old is not None and dataclasses.replace(old, size=lun.size) == lun \
-                and hasattr(unit.devices.get(number), "resize"):
+                and unit.config.unit_type == "disk":
             device = unit.devices[number]
             if lun.size is not None and lun.size // device.block_length < device.block_count:
                 raise ValueError(f"{lu.name} LUN{number}: {lun.size} bytes is smaller than "

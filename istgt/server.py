@@ -36,11 +36,10 @@ def build_logical_unit(lu_config, max_sessions: int, state_directory: str | None
     if lu_config.unit_type not in ("disk", "dvd"):
         raise StartupError(f"LU{lu_config.number} ({lu_config.name}): UnitType "
                            f"{lu_config.unit_type} is not supported yet")
-    build = _build_dvd if lu_config.unit_type == "dvd" else _build_disk
     devices = {}
     try:
         for number, lun in sorted(lu_config.luns.items()):
-            devices[number] = build(lu_config, lun, state_directory)
+            devices[number] = build_device(lu_config, lun, state_directory)
     except StartupError:
         for d in devices.values():
             d.close()
@@ -100,6 +99,13 @@ def _build_disk(lu_config, lun, state_directory: str | None):
     except OSError as e:
         _close_stores(backend, journal)
         raise StartupError(f"{where}: replaying the atomic write journal: {e}") from None
+
+
+def build_device(lu_config, lun, state_directory: str | None):
+    """The device of one LUN, by the LU's UnitType (StartupError when it cannot be)."""
+    if lu_config.unit_type == "dvd":
+        return _build_dvd(lu_config, lun, state_directory)
+    return _build_disk(lu_config, lun, state_directory)
 
 
 def _build_dvd(lu_config, lun, state_directory: str | None):
@@ -278,10 +284,15 @@ class Server:
                 conn.tick(now, g.nop_in_interval, g.timeout)
             if now >= next_growth_check:
                 next_growth_check = now + GROWTH_CHECK_S
-                for unit in list(self.units.values()):
-                    for device in unit.devices.values():
-                        if hasattr(device, "notice_growth"):
-                            device.notice_growth()
+                self._notice_growth()
+
+    def _notice_growth(self) -> None:
+        for unit in list(self.units.values()):
+            for device in list(unit.devices.values()):
+                try:
+                    device.notice_growth()
+                except Exception:     # never let one LUN stop the keep-alive thread
+                    log.exception("LU%d: size check failed", unit.number)
 
     def connections(self) -> list[Connection]:
         with self._lock:

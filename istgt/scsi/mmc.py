@@ -96,6 +96,12 @@ class DvdDevice(sbc.DiskDevice):
     def supported_vpd_pages(self) -> list[int]:
         return [0x00, 0x80, 0x83, 0x86]
 
+    def notice_growth(self) -> None:
+        """A disc does not grow: another image comes with change_medium."""
+
+    def resize(self, size: int | None = None) -> int:
+        raise ValueError("a DVD's size is its disc's: change the disc instead")
+
     def device_specific_parameter(self) -> int:
         return 0     # MMC: no WP/DPOFUA bits in the mode parameter header
 
