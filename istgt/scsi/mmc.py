@@ -72,6 +72,8 @@ class DvdDevice(sbc.DiskDevice):
     """One DVD LUN: `DvdDevice(lu, lun, backend_or_None)`; None is an empty drive."""
 
     peripheral_type = PeripheralDeviceType.CD_DVD
+    # MMC: a host polls these while a unit attention waits, which stays pending for it
+    UA_EXEMPT = sbc.DiskDevice.UA_EXEMPT | {0x46, 0x4A}
 
     def __init__(self, lu: Any, lun: Any, backend: Any | None) -> None:
         super().__init__(lu, lun, backend if backend is not None else NoMedium())
@@ -158,8 +160,13 @@ class DvdDevice(sbc.DiskDevice):
 # --- MMC handlers ----------------------------------------------------------------------------
 
 
+# Features that are always current (MMC: Persistent); the others come and go with the disc
+PERSISTENT_FEATURES = frozenset({0x0000, 0x0001, 0x0003})
+
+
 def _feature(code: int, current: bool, body: bytes = b"", version: int = 0) -> bytes:
-    flags = (version << 2) | 0x02 | (0x01 if current else 0)       # persistent
+    persistent = 0x02 if code in PERSISTENT_FEATURES else 0
+    flags = (version << 2) | persistent | (0x01 if current else 0)
     return struct.pack(">HBB", code, flags, len(body)) + body
 
 
@@ -206,7 +213,7 @@ def get_event_status_notification(device: DvdDevice, task: ScsiTask) -> None:
         return
     if wanted & (1 << CLASS_MEDIA):
         event = device.take_media_event(task.nexus)
-        present = 0x02 if device.medium.loaded else 0
+        present = 0x02 if device.medium.loaded else 0x01     # media present / tray open
         descriptor = struct.pack(">BBBB", event, present, 0, 0)
         notification_class = CLASS_MEDIA
     else:

@@ -74,6 +74,8 @@ class DiskDevice:
     """One Disk LUN: `DiskDevice(lu_config, lun_config, backend)`."""
 
     peripheral_type = PeripheralDeviceType.DIRECT_ACCESS
+    # Commands that neither report nor clear a pending unit attention (SAM-5 5.14)
+    UA_EXEMPT = frozenset({Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE})
 
     def __init__(self, lu: Any, lun: Any, backend: Any, pr_state: Any = None,
                  atomic_journal: Any = None) -> None:
@@ -233,7 +235,7 @@ class DiskDevice:
         if not cdb:
             raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_COMMAND_OPERATION_CODE)
         opcode = cdb[0]
-        exempt = opcode in (Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE)
+        exempt = opcode in self.UA_EXEMPT
         attention = self._take_unit_attention(task.nexus, consume=not exempt)
         if attention is not None:
             raise CheckCondition(SenseKey.UNIT_ATTENTION, attention)
