@@ -33,7 +33,7 @@ class StartupError(Exception):
 
 def build_logical_unit(lu_config, max_sessions: int, state_directory: str | None = None
                        ) -> LogicalUnit:
-    if lu_config.unit_type not in ("disk", "dvd"):
+    if lu_config.unit_type not in ("disk", "dvd", "tape"):
         raise StartupError(f"LU{lu_config.number} ({lu_config.name}): UnitType "
                            f"{lu_config.unit_type} is not supported yet")
     devices = {}
@@ -105,7 +105,33 @@ def build_device(lu_config, lun, state_directory: str | None):
     """The device of one LUN, by the LU's UnitType (StartupError when it cannot be)."""
     if lu_config.unit_type == "dvd":
         return _build_dvd(lu_config, lun, state_directory)
+    if lu_config.unit_type == "tape":
+        return _build_tape(lu_config, lun)
     return _build_disk(lu_config, lun, state_directory)
+
+
+def _build_tape(lu_config, lun):
+    """A tape drive with its cartridge (a .vt file, created when missing and writable), or
+    empty (`/dev/null`, or a file that is not a virtual tape: logged)."""
+    from istgt.scsi.ssc import TapeDevice
+    tape = None
+    if lun.path != "/dev/null":
+        try:
+            tape = open_tape(lun.path, lun.size, lun.flags, lu_config.read_only)
+        except (OSError, ValueError) as e:
+            log.error("LU%d (%s) LUN%d: %s; the drive starts empty", lu_config.number,
+                      lu_config.name, lun.number, e)
+    return TapeDevice(lu_config, lun, tape)
+
+
+def open_tape(path: str, size: int | None, flags, read_only: bool = False):
+    """A virtual tape cartridge; `flags` as in `LUNn Removable` (ro, rw, extend, dynamic)."""
+    from istgt.lu.vtape import TapeFileError, VirtualTape
+    try:
+        return VirtualTape.open(path, size, read_only or ("ro" in flags and "rw" not in flags),
+                                growable=bool({"extend", "dynamic"} & set(flags)))
+    except TapeFileError as e:
+        raise ValueError(str(e)) from None
 
 
 def _build_dvd(lu_config, lun, state_directory: str | None):
@@ -339,8 +365,11 @@ class Server:
         self._listeners = []
 
     # ---- media (istgtcontrol change)
-    def open_media(self, unit: LogicalUnit, path: str, size: int | None):
-        """The image for a DVD drive of `unit`; BackendError says why not."""
+    def open_media(self, unit: LogicalUnit, path: str, size: int | None, flags=("ro",)):
+        """The disc image or tape cartridge for a drive of `unit`; an exception says why
+        not (BackendError, OSError, ValueError)."""
+        if unit.config.unit_type == "tape":
+            return open_tape(path, size, flags, unit.config.read_only)
         return open_dvd_image(path, size)
 
     # ---- reload (SIGHUP, istgtcontrol refresh)

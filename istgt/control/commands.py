@@ -181,7 +181,8 @@ class ControlSession:
         if path != "/dev/null":
             try:
                 size = None if size_text.lower() == "auto" else parse_size(size_text)
-                backend = self.server.open_media(unit, path, size)
+                backend = self.server.open_media(unit, path, size,
+                                                 tuple(f for f in flags.lower().split(",") if f))
             except Exception as error:      # unreadable, too small, a bad size
                 raise CommandError(f"change: {error}") from None
         if not device.change_medium(backend, path):

@@ -228,7 +228,7 @@ class DiskDevice:
     def _fail(self, task: ScsiTask, condition: CheckCondition) -> None:
         task.status = ScsiStatus.CHECK_CONDITION
         task.sense = condition.encode(self.descriptor_sense)
-        task.data_in = None
+        task.data_in = condition.data_in
 
     def _dispatch(self, task: ScsiTask) -> None:
         cdb = task.cdb

@@ -12,6 +12,8 @@ FIXED_SENSE_LENGTH = 18
 
 _INFORMATION_DESCRIPTOR = 0x00
 _SENSE_KEY_SPECIFIC_DESCRIPTOR = 0x02
+_STREAM_COMMANDS_DESCRIPTOR = 0x04
+FILEMARK, EOM, ILI = 0x80, 0x40, 0x20        # stream bits (byte 2 of fixed sense)
 
 
 class CheckCondition(Exception):
@@ -20,7 +22,8 @@ class CheckCondition(Exception):
     `field_pointer` (with optional `bit_pointer`) fills the sense-key-specific field: it names
     the byte in the CDB (`cd=True`) or in the parameter list (`cd=False`) that was wrong.
     `progress` (0..65535, fraction of 65536 done) fills it instead for a NOT READY that is
-    an operation in progress (SPC-4 4.5.2.4.4).
+    an operation in progress (SPC-4 4.5.2.4.4). `stream` holds the FILEMARK, EOM and ILI
+    bits of sequential-access devices (SSC); `info` may then be negative (a residual).
     """
 
     def __init__(
@@ -32,9 +35,14 @@ class CheckCondition(Exception):
         bit_pointer: int | None = None,
         cd: bool = True,
         progress: int | None = None,
+        stream: int = 0,
     ) -> None:
         super().__init__(sense_key, asc)
         self.progress = progress
+        self.stream = stream
+        # Data-In that still goes to the host with this CHECK CONDITION (a tape read that
+        # met a filemark or a record of another length)
+        self.data_in: bytes | None = None
         self.sense_key = sense_key
         self.asc = asc
         self.info = info
@@ -63,6 +71,7 @@ class CheckCondition(Exception):
             bit_pointer=self.bit_pointer,
             cd=self.cd,
             progress=self.progress,
+            stream=self.stream,
         )
 
 
@@ -107,13 +116,17 @@ def encode_sense(
     bit_pointer: int | None = None,
     cd: bool = True,
     progress: int | None = None,
+    stream: int = 0,
 ) -> bytes:
     """Current-error sense data, fixed (70h) or descriptor (72h) format."""
     sks = _sense_key_specific(field_pointer, bit_pointer, cd, progress)
     if descriptor:
         body = bytearray()
         if info is not None:
-            body += struct.pack(">BBBxQ", _INFORMATION_DESCRIPTOR, 0x0A, 0x80, info)
+            body += struct.pack(">BBBxQ", _INFORMATION_DESCRIPTOR, 0x0A, 0x80,
+                                info & 0xFFFFFFFFFFFFFFFF)
+        if stream:
+            body += struct.pack(">BBxB", _STREAM_COMMANDS_DESCRIPTOR, 0x02, stream & 0xE0)
         if sks is not None:
             body += struct.pack(">BBxx3sx", _SENSE_KEY_SPECIFIC_DESCRIPTOR, 0x06, sks)
         header = struct.pack(
@@ -123,10 +136,10 @@ def encode_sense(
     sense = bytearray(FIXED_SENSE_LENGTH)
     sense[0] = FIXED_CURRENT
     # The fixed format holds 32 bits of INFORMATION; larger values leave VALID clear.
-    if info is not None and info <= 0xFFFFFFFF:
+    if info is not None and -(1 << 31) <= info <= 0xFFFFFFFF:
         sense[0] |= 0x80
-        struct.pack_into(">I", sense, 3, info)
-    sense[2] = sense_key & 0x0F
+        struct.pack_into(">I", sense, 3, info & 0xFFFFFFFF)
+    sense[2] = (sense_key & 0x0F) | (stream & 0xE0)
     sense[7] = FIXED_SENSE_LENGTH - 8
     sense[12] = asc >> 8
     sense[13] = asc & 0xFF

@@ -392,7 +392,11 @@ def mode_select(device: SpcDevice, task: ScsiTask) -> None:
     if header_length + descriptor_length > length:
         raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.PARAMETER_LIST_LENGTH_ERROR)
     current = device.block_descriptor(long_lba)
+    select_descriptor = getattr(device, "select_block_descriptor", None)   # a tape's
     for offset in range(header_length, header_length + descriptor_length, descriptor_size):
+        if select_descriptor is not None:
+            select_descriptor(data[offset:offset + descriptor_size], long_lba)
+            continue
         # The block length cannot change; a block count of 0 or ours means "unchanged".
         given = data[offset : offset + descriptor_size]
         length_at = 12 if long_lba else 5
