@@ -119,8 +119,8 @@ class VirtualTape:
         while CTL_LENGTH + offset + MARK_LENGTH <= file_size:
             mark = struct.unpack(self._order + _MARK, self._read(CTL_LENGTH + offset, MARK_LENGTH))
             magic, length = mark[0], mark[4]
-            if magic == EOD:
-                break
+            if magic == EOD or CTL_LENGTH + offset + MARK_LENGTH + length > file_size:
+                break             # the end, or a record cut off by a crash: the end too
             if magic == DATA:
                 records.append(Record(False, offset, length))
             elif magic == FILEMARK:
