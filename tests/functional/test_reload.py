@@ -215,3 +215,18 @@ def test_refresh_through_the_control_socket(target, tmp_path):
     assert len(reply) == 1 and reply[0].startswith("ERR refresh: ") and "istgt.conf:2" in reply[0]
     assert control.ask(f"LIST {NEW}")[-1] == "OK LIST"          # the previous config stays
     control.close()
+
+
+def test_global_parameters_apply_to_new_sessions_only(target):
+    original = target.config_path.read_text()
+    before = target.connect()
+    assert before.login(f"{NODE_BASE}:disk1", keys={"FirstBurstLength": "65536"}).num(
+        "FirstBurstLength") == 65536
+    changed = original.replace("[Global]\n", "[Global]\n  FirstBurstLength 8192\n", 1)
+    rewrite(target, changed)
+    assert target.server.reload().sessions_ended == 0
+    after = target.connect()
+    assert after.login(f"{NODE_BASE}:disk1", keys={"FirstBurstLength": "65536"}).num(
+        "FirstBurstLength") == 8192
+    assert before.params.num("FirstBurstLength") == 65536      # what it negotiated stays
+    assert before.tur().status in (GOOD, CHECK_CONDITION)
