@@ -44,6 +44,7 @@ class ReloadReport:
     portals_opened: list[str] = field(default_factory=list)
     portals_closed: list[str] = field(default_factory=list)
     sessions_ended: int = 0
+    errors: list[str] = field(default_factory=list)     # steps of the commit that failed
 
     def lines(self) -> list[str]:
         """What changed, one line each (logged, and printed by istgtcontrol refresh)."""
@@ -55,6 +56,7 @@ class ReloadReport:
             out += [f"{what} {name}" for name in names]
         if self.sessions_ended:
             out.append(f"ended {self.sessions_ended} session(s)")
+        out += [f"error {error}" for error in self.errors]
         return out
 
 
@@ -73,6 +75,9 @@ class _Plan:
     rebuilt: dict[str, Any] = field(default_factory=dict)     # name -> new LogicalUnit
     changed: dict[str, _LunChange] = field(default_factory=dict)
     updated: dict[str, Any] = field(default_factory=dict)     # name -> new LU config
+    # tape LUs to build only once the old one has stopped (its cartridge index must see
+    # every record it wrote): name -> new LU config
+    deferred: dict[str, Any] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
     new_listeners: list[tuple[Any, int, Any]] = field(default_factory=list)
     gone_listeners: list[tuple[Any, int, Any]] = field(default_factory=list)
@@ -119,6 +124,10 @@ def _prepare(server: Any, new: Any) -> _Plan:
                                                       state_directory)
             elif unit.config == lu:
                 continue
+            elif "tape" in (unit.config.unit_type, lu.unit_type) and (
+                    _needs_rebuild(unit.config, lu) or unit.config.luns != lu.luns):
+                build_logical_unit(lu, new.global_.max_sessions, state_directory).shutdown()
+                plan.deferred[name] = lu           # it can be built: build it at commit
             elif _needs_rebuild(unit.config, lu):
                 plan.rebuilt[name] = build_logical_unit(lu, new.global_.max_sessions,
                                                         state_directory)
@@ -166,8 +175,17 @@ def _commit(server: Any, plan: _Plan) -> ReloadReport:
     report = ReloadReport(server.generation)
     g = new.global_
     running = {unit.name.lower(): unit for unit in server.units.values()}
-    retired = [running[name] for name in plan.removed] + \
-              [running[name] for name in plan.rebuilt]
+    retired = [running[name] for name in [*plan.removed, *plan.rebuilt, *plan.deferred]]
+
+    def attempt(what: str, step: Any, *args: Any) -> Any:
+        # One step failing (a store that cannot grow, a control socket that cannot be
+        # re-opened) must not leave the rest of the new configuration unapplied.
+        try:
+            return step(*args)
+        except Exception as error:
+            log.error("reload: %s failed: %s", what, error)
+            report.errors.append(f"{what}: {error}")
+            return None
 
     for name, lu in plan.updated.items():
         running[name].config = lu
@@ -177,13 +195,12 @@ def _commit(server: Any, plan: _Plan) -> ReloadReport:
         for device in unit.replace_luns(change.config, change.built, change.removed):
             device.close()
         for number, size in change.grown.items():
-            unit.devices[number].resize(size)
+            attempt(f"resize {unit.name} LUN{number}", unit.devices[number].resize, size)
         copy_targets = CopyTargets(unit.devices.values())   # EXTENDED COPY's LUN registry
         for device in unit.devices.values():
             device.copy_targets = copy_targets
     # LU registry: by number for istgtcontrol, by name for logins
-    survivors = [unit for name, unit in running.items()
-                 if name not in plan.removed and name not in plan.rebuilt]
+    survivors = [unit for unit in running.values() if unit not in retired]
     units = {unit.number: unit
              for unit in [*survivors, *plan.added.values(), *plan.rebuilt.values()]}
     server.config = new
@@ -197,7 +214,7 @@ def _commit(server: Any, plan: _Plan) -> ReloadReport:
     close_listeners([sock for sock, _, _ in plan.gone_listeners])
     for sock, tag, _ in plan.new_listeners:
         server.start_acceptor(sock, tag)
-    server.control.reconfigure(new.unit_control, g.auth_file)
+    attempt("control channel", server.control.reconfigure, new.unit_control, g.auth_file)
 
     # sessions
     ending = [s for s in server.sessions.all()
@@ -208,11 +225,19 @@ def _commit(server: Any, plan: _Plan) -> ReloadReport:
     report.sessions_ended = len(ending)
     _wait_for_connections(ending)
     for unit in retired:
-        unit.shutdown()
+        attempt(f"shut down {unit.name}", unit.shutdown)
+    from istgt.server import build_logical_unit
+    for name, lu in sorted(plan.deferred.items()):
+        unit = attempt(f"rebuild {lu.name}", build_logical_unit, lu, g.max_sessions,
+                       g.state_directory)
+        if unit is not None:
+            server.units = dict(sorted({**server.units, unit.number: unit}.items()))
+            server._by_name = {**server._by_name, name: unit}
+            report.rebuilt.append(unit.name)
 
     report.added = sorted(unit.name for unit in plan.added.values())
     report.removed = sorted(running[name].name for name in plan.removed)
-    report.rebuilt = sorted(unit.name for unit in plan.rebuilt.values())
+    report.rebuilt = sorted([*report.rebuilt, *(unit.name for unit in plan.rebuilt.values())])
     report.updated = sorted([*(lu.name for lu in plan.updated.values()),
                              *(c.config.name for c in plan.changed.values())])
     report.portals_opened = [portal.display for _, _, portal in plan.new_listeners]

@@ -11,6 +11,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from typing import Any
 
 from istgt.config import load_auth
@@ -21,7 +22,8 @@ from istgt.control.protocol import LineBuffer
 log = logging.getLogger("istgt.ctl")
 
 IO_TIMEOUT_S = 60          # as istgt: a silent control connection is dropped after a minute
-MAX_CONTROL_CONNECTIONS = 16
+AUTH_DEADLINE_S = 10       # a TCP peer that must authenticate has this long to do it
+MAX_CONTROL_CONNECTIONS = 16   # each, on the Unix socket and on the TCP portals
 LISTEN_BACKLOG = 8
 
 
@@ -33,7 +35,9 @@ class ControlServer:
         self._listeners: list[tuple[socket.socket, bool]] = []    # (socket, is TCP)
         self._socket_path: str | None = None
         self._lock = threading.Lock()
-        self._active: set[socket.socket] = set()                  # guarded by _lock
+        # guarded by _lock: open connections, TCP and Unix socket apart, so peers on the
+        # network can never crowd out root on the socket
+        self._active: dict[bool, set[socket.socket]] = {False: set(), True: set()}
         self._stopping = threading.Event()
         self.tcp_addresses: list[tuple[str, int]] = []
 
@@ -149,7 +153,7 @@ class ControlServer:
                 pass
             self._socket_path = None
         with self._lock:
-            active = list(self._active)
+            active = [*self._active[False], *self._active[True]]
         for sock in active:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -163,8 +167,8 @@ class ControlServer:
             try:
                 sock, peer = listener.accept()
             except OSError:
-                if self._stopping.is_set():
-                    return
+                if self._stopping.is_set() or listener.fileno() < 0:
+                    return            # closed by shutdown or by a reconfigure
                 self._stopping.wait(0.05)
                 continue
             peer_ip = peer[0] if tcp else "local"
@@ -174,9 +178,9 @@ class ControlServer:
                 sock.close()
                 continue
             with self._lock:
-                full = len(self._active) >= MAX_CONTROL_CONNECTIONS
+                full = len(self._active[tcp]) >= MAX_CONTROL_CONNECTIONS
                 if not full:
-                    self._active.add(sock)
+                    self._active[tcp].add(sock)
             if full:
                 log.warning("UCTL connection from %s refused: %d already open", peer_ip,
                             MAX_CONTROL_CONNECTIONS)
@@ -204,10 +208,26 @@ class ControlServer:
             sock.settimeout(IO_TIMEOUT_S)
             local = sock.getsockname()[0] if tcp else (self._socket_path or "")
             session = self._session_for(peer_ip, tcp)
+            must_authenticate = session.auth is not None and not session.auth_optional
+            deadline = time.monotonic() + AUTH_DEADLINE_S
             _send(sock, [banner(local, peer_ip)])
             lines = LineBuffer()
             while not self._stopping.is_set():
-                data = sock.recv(4096)
+                if must_authenticate and not session.auth.authenticated:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        log.warning("UCTL connection from %s closed: no AUTH within %d s",
+                                    peer_ip, AUTH_DEADLINE_S)
+                        return
+                    sock.settimeout(min(left, IO_TIMEOUT_S))
+                else:
+                    sock.settimeout(IO_TIMEOUT_S)
+                try:
+                    data = sock.recv(4096)
+                except socket.timeout:
+                    if must_authenticate and not session.auth.authenticated:
+                        continue         # the deadline check above closes it
+                    raise
                 if not data:
                     break
                 for line in lines.feed(data):
@@ -221,7 +241,7 @@ class ControlServer:
             log.exception("UCTL connection from %s failed", peer_ip)
         finally:
             with self._lock:
-                self._active.discard(sock)
+                self._active[tcp].discard(sock)
             sock.close()
 
 

@@ -79,7 +79,9 @@ class VirtualTape:
         fd = os.open(path, flags, 0o666)
         try:
             actual = os.fstat(fd).st_size
-            tape = cls(path, fd, size if size is not None else actual, read_only, growable)
+            # Auto: the file's size now, and the medium grows as it is written
+            tape = cls(path, fd, size if size is not None else actual, read_only,
+                       growable or size is None)
             if actual == 0:
                 if read_only:
                     raise TapeFileError(f"{path}: empty, and a read-only tape cannot be formatted")
@@ -198,9 +200,14 @@ class VirtualTape:
         prev = self.records[-1].offset if self.records else 0
         lbpos = len(self.records) + 1
         magic = FILEMARK if payload is None else DATA
-        self._write(CTL_LENGTH + offset, self._mark(magic, offset, length, lbpos, prev)
-                    + (payload or b""))
-        self.records.append(Record(payload is None, offset, length))
+        record = Record(payload is None, offset, length)
+        # The record and the EOD mark behind it in one write: whatever stops the process,
+        # the file never shows the old records that followed as if they still counted.
+        padding = bytes(record.end - (offset + MARK_LENGTH + length))
+        self._write(CTL_LENGTH + offset,
+                    self._mark(magic, offset, length, lbpos, prev) + (payload or b"")
+                    + padding + self._mark(EOD, record.end, 0, lbpos + 1, offset))
+        self.records.append(record)
 
     def finish(self) -> None:
         """After writing: the EOD mark and the control block (its filemark table)."""

@@ -230,6 +230,8 @@ def _address(lba: int, msf: bool) -> bytes:
     if not msf:
         return struct.pack(">I", lba)
     frames = lba + MSF_OFFSET
+    if frames // (75 * 60) > 0xFF:          # past what MSF can say (about 2.3 GB of CD)
+        return bytes([0, 0xFF, 59, 74])
     return bytes([0, frames // (75 * 60), (frames // 75) % 60, frames % 75])
 
 

@@ -80,7 +80,9 @@ class TapeDevice(sbc.DiskDevice):
         self.write_protected = self.lu_read_only or (tape is not None and tape.read_only)
         self.fixed_block_length = 0            # 0: variable-length records
         self.position = 0                      # guarded by _tape_lock: next object number
-        self._tape_lock = threading.Lock()     # one tape motion at a time
+        # guards tape, position and media_path: every tape command holds it throughout,
+        # so a cartridge change never lands in the middle of one (re-entrant: helpers too)
+        self._tape_lock = threading.RLock()
         if tape is None:
             self.medium.operator_eject()
 
@@ -146,9 +148,9 @@ class TapeDevice(sbc.DiskDevice):
             self.media_path = path if tape is not None else None
             self.position = 0
             self.write_protected = self.lu_read_only or (tape is not None and tape.read_only)
-        if old is not None:
-            old.flush()
-            old.close()
+            if old is not None:
+                old.flush()
+                old.close()
         if tape is None:
             return True
         self.medium.operator_load()
@@ -170,6 +172,15 @@ def _loaded_tape(device: TapeDevice) -> VirtualTape:
 def _check_writable(device: TapeDevice) -> None:
     if device.write_protected:
         raise CheckCondition(SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
+
+
+def _whole_command(handler: Any) -> Any:
+    """Run a tape handler with the drive's lock held from start to end."""
+    def locked(device: TapeDevice, task: ScsiTask) -> None:
+        with device._tape_lock:
+            handler(device, task)
+    locked.__name__ = handler.__name__
+    return locked
 
 
 def _overflow(residual: int) -> CheckCondition:
@@ -195,6 +206,8 @@ def read6(device: TapeDevice, task: ScsiTask) -> None:
         raise invalid_field_in_cdb(1, 1)
     if fixed and not device.fixed_block_length:
         raise invalid_field_in_cdb(1, 0)
+    if fixed and count * device.fixed_block_length > sbc.MAX_TRANSFER_BYTES:
+        raise invalid_field_in_cdb(2)               # more than one command may move
     tape = _loaded_tape(device)
     if count == 0:
         return
@@ -243,9 +256,9 @@ def _read_fixed(device: TapeDevice, tape: VirtualTape, task: ScsiTask, blocks: i
         data = tape.read_payload(device.position - 1)
         out += data[:length]
         if len(data) != length:
+            # requested minus the blocks read; the wrong-length one is not counted
             condition = CheckCondition(SenseKey.NO_SENSE, Asc.NO_ADDITIONAL_SENSE,
-                                       info=blocks - done - 1 if len(data) > length
-                                       else blocks - done, stream=ILI)
+                                       info=blocks - done, stream=ILI)
             condition.data_in = bytes(out)
             raise condition
     task.data_in = bytes(out)
@@ -282,10 +295,11 @@ def write6(device: TapeDevice, task: ScsiTask) -> None:
             raise CheckCondition(SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR) from exc
         finally:
             device.position = len(tape.records)
-            try:
-                tape.finish()
-            except OSError:
-                log.exception("tape %s: EOD not written", tape.path)
+        try:
+            tape.finish()
+        except OSError as exc:
+            log.error("tape %s: filemark table not saved: %s", tape.path, exc)
+            raise CheckCondition(SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR) from None
 
 
 def write_filemarks(device: TapeDevice, task: ScsiTask) -> None:
@@ -338,9 +352,9 @@ def _space_blocks(device: TapeDevice, records: list, count: int) -> None:
                 raise CheckCondition(SenseKey.NO_SENSE, FILEMARK_DETECTED,
                                      info=abs(count) - done, stream=FILEMARK)
         else:
-            if device.position == 0:
+            if device.position == 0:              # residual: requested minus done, signed
                 raise CheckCondition(SenseKey.NO_SENSE, BEGINNING_OF_PARTITION_DETECTED,
-                                     info=abs(count) - done, stream=EOM)
+                                     info=-(abs(count) - done), stream=EOM)
             device.position -= 1
             if records[device.position].filemark:      # stops before it, on its BOP side
                 raise CheckCondition(SenseKey.NO_SENSE, FILEMARK_DETECTED,
@@ -445,17 +459,17 @@ TAPE_COMMANDS = sbc.CommandTable([
         Opcode.MODE_SENSE_10, Opcode.MODE_SELECT_6, Opcode.MODE_SELECT_10, Opcode.REPORT_LUNS,
         Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL)
       or (spec.opcode == Opcode.MAINTENANCE_IN and spec.service_action in (0x0C, 0x0D))),
-    _spec(0x01, "REWIND", rewind, _NONE, ((1, 0x01),), **_MEDIUM),
+    _spec(0x01, "REWIND", _whole_command(rewind), _NONE, ((1, 0x01),), **_MEDIUM),
     _spec(0x05, "READ BLOCK LIMITS", read_block_limits, _IN, ()),
-    _spec(0x08, "READ(6)", read6, _IN, ((1, 0x03), *_COUNT), **_MEDIUM),
-    _spec(0x0A, "WRITE(6)", write6, _OUT, ((1, 0x01), *_COUNT), **_MEDIUM),
-    _spec(0x10, "WRITE FILEMARKS(6)", write_filemarks, _NONE, ((1, 0x01), *_COUNT), **_MEDIUM),
-    _spec(0x11, "SPACE(6)", space6, _NONE, ((1, 0x0F), *_COUNT), **_MEDIUM),
-    _spec(0x19, "ERASE(6)", erase6, _NONE, ((1, 0x03),), **_MEDIUM),
-    _spec(0x1B, "LOAD UNLOAD", load_unload, _NONE, ((1, 0x01), (4, 0x0F))),
-    _spec(0x2B, "LOCATE(10)", locate10, _NONE,
+    _spec(0x08, "READ(6)", _whole_command(read6), _IN, ((1, 0x03), *_COUNT), **_MEDIUM),
+    _spec(0x0A, "WRITE(6)", _whole_command(write6), _OUT, ((1, 0x01), *_COUNT), **_MEDIUM),
+    _spec(0x10, "WRITE FILEMARKS(6)", _whole_command(write_filemarks), _NONE, ((1, 0x01), *_COUNT), **_MEDIUM),
+    _spec(0x11, "SPACE(6)", _whole_command(space6), _NONE, ((1, 0x0F), *_COUNT), **_MEDIUM),
+    _spec(0x19, "ERASE(6)", _whole_command(erase6), _NONE, ((1, 0x03),), **_MEDIUM),
+    _spec(0x1B, "LOAD UNLOAD", _whole_command(load_unload), _NONE, ((1, 0x01), (4, 0x0F))),
+    _spec(0x2B, "LOCATE(10)", _whole_command(locate10), _NONE,
           ((1, 0x07), (3, 0xFF), (4, 0xFF), (5, 0xFF), (6, 0xFF), (8, 0xFF)), **_MEDIUM),
-    *(_spec(0x34, f"READ POSITION ({name})", read_position, _IN, ((7, 0xFF), (8, 0xFF)),
+    *(_spec(0x34, f"READ POSITION ({name})", _whole_command(read_position), _IN, ((7, 0xFF), (8, 0xFF)),
             service_action=sa, **_MEDIUM)
       for sa, name in ((0, "SHORT FORM - BLOCK ID"), (1, "SHORT FORM - VENDOR SPECIFIC"),
                        (6, "LONG FORM"))),

@@ -154,7 +154,8 @@ def write_config(directory: Path, options: TargetOptions, control: str) -> Path:
         "  MaxR2T 32\n"
         + iscsi +
         "[UnitControl]\n"
-        "  AuthMethod None\n"
+        + ("" if any(line.startswith("AuthMethod") for line in options.control_lines)
+           else "  AuthMethod None\n") +
         f"  ControlSocket {control}/ctl.sock\n" + control_portal +
         "".join(f"  {line}\n" for line in options.control_lines) +
         "[PortalGroup1]\n" + portals + second_group +

@@ -257,3 +257,21 @@ def test_stats_count_commands_bytes_and_latency_per_lun_and_session(target, cont
     assert int(by_initiator["iqn.2024-01.org.example:writer"]["read_bytes"]) == 0
     assert int(by_initiator[reader.initiator_name]["read_bytes"]) == 4096
     assert control.ask("STATS iqn.none:x") == ["ERR no target"]
+
+
+def test_peers_that_never_authenticate_cannot_crowd_out_the_socket(make_target, monkeypatch):
+    import istgt.control.server as control_server
+    monkeypatch.setattr(control_server, "AUTH_DEADLINE_S", 1)
+    port = free_port("127.0.0.1")
+    target = make_target(control_lines=(f"Portal UC1 127.0.0.1:{port}", "Netmask 127.0.0.1",
+                                        "AuthMethod CHAP", "AuthGroup AuthGroup1"))
+    hogs = []
+    for _ in range(control_server.MAX_CONTROL_CONNECTIONS):
+        hog = socket.create_connection(("127.0.0.1", port), timeout=5)
+        hog.recv(200)                                  # the banner, then silence
+        hogs.append(hog)
+    assert Control(socket_path(target)).ask("NOOP") == ["OK NOOP"]    # root still gets in
+    time.sleep(1.5)
+    for hog in hogs:                                   # and the silent peers were dropped
+        assert hog.recv(100) == b""
+        hog.close()

@@ -230,3 +230,19 @@ def test_global_parameters_apply_to_new_sessions_only(target):
         "FirstBurstLength") == 8192
     assert before.params.num("FirstBurstLength") == 65536      # what it negotiated stays
     assert before.tur().status in (GOOD, CHECK_CONDITION)
+
+
+def test_a_failing_step_does_not_leave_the_rest_unapplied(target, tmp_path):
+    """Growing a LUN past what the file system allows fails at commit; the portal and LU
+    the same file adds are still served, and the failure is reported."""
+    original = target.config_path.read_text()
+    port = free_port("127.0.0.1")
+    changed = (original.replace("[PortalGroup1]\n", f"[PortalGroup1]\n  Portal NEW 127.0.0.1:{port}\n")
+               .replace("disk1.img 64MB", "disk1.img 64TB", 1) + new_lu(tmp_path))
+    rewrite(target, changed)
+    report = target.server.reload()
+    assert report.added == [NEW] and report.portals_opened == [f"127.0.0.1:{port}"]
+    assert any("resize" in error for error in report.errors)
+    late = target.connect(port=port)
+    late.login(NEW)
+    assert late.tur().status in (GOOD, CHECK_CONDITION)

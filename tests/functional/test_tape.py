@@ -201,3 +201,49 @@ def test_a_full_medium_is_a_volume_overflow(target, tmp_path):
     rewind(initiator)
     for _ in range(good):                              # what was written is all there
         assert read(initiator, len(record)).data == record
+
+
+# --- regressions from review -------------------------------------------------------------------
+
+
+def test_records_written_while_a_reload_runs_are_kept(drive, target, monkeypatch):
+    """A tape LU changed by reload is built only once the old drive stopped, so the new
+    one knows every record the old one acknowledged."""
+    import istgt.reload as reload
+    initiator, cartridge = drive
+    assert write(initiator, b"one").status == GOOD and write(initiator, b"two").status == GOOD
+    commit = reload._commit
+
+    def write_during_reload(server, plan):
+        assert write(initiator, b"three").status == GOOD    # after prepare, before commit
+        return commit(server, plan)
+
+    monkeypatch.setattr(reload, "_commit", write_during_reload)
+    text = target.config_path.read_text()
+    target.config_path.write_text(text.replace("cart.vt 64MB", "cart.vt 128MB"))
+    assert TAPE in target.server.reload().rebuilt
+    again = target.session(target=TAPE)
+    assert space(again, 3, 0).status == GOOD and position(again) == 3
+    assert write(again, b"four").status == GOOD
+    tape = VirtualTape.open(str(cartridge), None, read_only=True)
+    assert [tape.read_payload(i) for i in range(len(tape.records))] == \
+        [b"one", b"two", b"three", b"four"]
+    tape.close()
+
+
+def test_residuals_count_what_was_not_done(drive):
+    initiator, _ = drive
+    write_two_files(initiator)
+    rewind(initiator)
+    assert space(initiator, 0, 1).status == GOOD
+    bop = space(initiator, 0, -3)                 # one block back, then the beginning
+    expect(bop, NO_SENSE, (0x00, 0x04), EOM_BIT)
+    assert information(bop.sense) == -2
+    select = bytes([0x15, 0x10, 0, 0, 12, 0])
+    parameters = bytes([0, 0, 0x10, 8]) + bytes(5) + (512).to_bytes(3, "big")
+    assert initiator.scsi(select, data_out=parameters).status == GOOD
+    wrong = read(initiator, 0, fixed_blocks=4, block=512)     # the first record is 12 bytes
+    expect(wrong, NO_SENSE, (0x00, 0x00), ILI_BIT)
+    assert information(wrong.sense) == 4
+    too_much = initiator.scsi(bytes([0x08, 1, 0xFF, 0xFF, 0xFF, 0]), read_length=512)
+    expect(too_much, 5, (0x24, 0x00))             # more than one command may move
