@@ -13,6 +13,7 @@ from istgt.iscsi.session import SessionRegistry
 from istgt.lu.backends import BackendError, FileBackend
 from istgt.lu.copy_targets import CopyTargets
 from istgt.control.server import ControlServer
+from istgt.listen import listen_tcp
 from istgt.lu.atomic_journal import AtomicWriteJournal
 from istgt.lu.state import StateFile
 from istgt.lu.unit import LogicalUnit
@@ -219,22 +220,7 @@ class Server:
             raise
 
     def listen(self, portal) -> socket.socket:
-        family = portal.family
-        try:
-            info = socket.getaddrinfo(portal.host, portal.port, family, socket.SOCK_STREAM,
-                                      0, socket.AI_NUMERICHOST | socket.AI_PASSIVE)
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as e:
-            raise OSError(e.errno, f"listen error {portal.display}: {e.strerror or e}") from None
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(info[0][4])
-            sock.listen(LISTEN_BACKLOG)
-        except OSError as e:
-            sock.close()
-            raise OSError(e.errno, f"listen error {portal.display}: {e.strerror}") from None
+        sock = listen_tcp(portal, "listen error", LISTEN_BACKLOG)
         host, port = sock.getsockname()[:2]
         self.portal_addresses.append((host, port))
         net_log.info("listening on %s (portal group %s)", portal.display, portal.label)

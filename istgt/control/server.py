@@ -18,6 +18,7 @@ from istgt.config import load_auth
 from istgt.control.auth import ServerChap
 from istgt.control.commands import ControlSession, banner
 from istgt.control.protocol import LineBuffer
+from istgt.listen import listen_tcp
 
 log = logging.getLogger("istgt.ctl")
 
@@ -91,23 +92,7 @@ class ControlServer:
         log.info("control socket %s", path)
 
     def _open_tcp(self, portal: Any) -> None:
-        try:
-            info = socket.getaddrinfo(portal.host, portal.port, portal.family,
-                                      socket.SOCK_STREAM, 0,
-                                      socket.AI_NUMERICHOST | socket.AI_PASSIVE)
-            sock = socket.socket(portal.family, socket.SOCK_STREAM)
-        except OSError as e:
-            raise OSError(e.errno, f"UnitControl portal {portal.display}: {e.strerror or e}") \
-                from None
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if portal.family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(info[0][4])
-            sock.listen(LISTEN_BACKLOG)
-        except OSError as e:
-            sock.close()
-            raise OSError(e.errno, f"UnitControl portal {portal.display}: {e.strerror}") from None
+        sock = listen_tcp(portal, "UnitControl portal", LISTEN_BACKLOG)
         self.tcp_addresses.append(sock.getsockname()[:2])
         self._listeners.append((sock, True))
         log.info("control portal %s", portal.display)
