@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DISK := var/disk1.img
 CONFIG := etc/istgt.conf
 # Debian packages that give the test suite real initiators and the C istgt to compare with.
-TEST_PACKAGES := libiscsi-bin qemu-utils qemu-block-extra istgt strace
+TEST_PACKAGES := libiscsi-bin qemu-utils qemu-block-extra istgt tgt strace
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 APT_GET := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 
@@ -44,7 +44,7 @@ $(DISK):
 test-tools:
 	@if ! command -v iscsi-test-cu >/dev/null || ! command -v qemu-img >/dev/null \
 		|| ! command -v strace >/dev/null \
-		|| ! test -x /usr/sbin/istgt \
+		|| ! test -x /usr/sbin/istgt || ! test -x /usr/sbin/tgtd \
 		|| ! dpkg-query -W -f='$${Status}' qemu-block-extra 2>/dev/null | grep -q 'ok installed'; \
 	then \
 		echo "installing $(TEST_PACKAGES)"; \

@@ -1,22 +1,28 @@
 #!/usr/bin/env python3
-"""Benchmark the Python target against the C istgt on loopback with QEMU's iSCSI initiator.
+"""Benchmark the Python target against the C istgt and tgt on loopback with QEMU's iSCSI
+initiator.
 
-Starts both targets from the same istgt.conf template (bench/c-istgt.conf: one 1 GiB sparse
-Disk LU, QueueDepth 32, loopback only), runs `qemu-img bench` workloads against them in turn
-(python, c-istgt, python-again: the last is the same Python target again, an A/A control that
-shows how far two identical runs drift on this machine), prints each target's median and its
-ratio to the C istgt, and stops both targets whatever happens.
+Starts the Python target and the C istgt from the same istgt.conf template
+(bench/c-istgt.conf: one 1 GiB sparse Disk LU, QueueDepth 32, loopback only) and tgt (tgtd
+with the same kind of sparse file as its LUN 1), runs `qemu-img bench` workloads against them
+in turn (python, c-istgt, tgt, python-again: the last is the same Python target again, an A/A
+control that shows how far two identical runs drift on this machine), prints each target's
+median and its ratio to the C istgt and the Python target's resident memory, and stops every
+target whatever happens.
 
     bench/run_bench.py                  # full run (several minutes)
     bench/run_bench.py --smoke          # seconds: --scale 0.02 --reps 1 (what CI runs)
     bench/run_bench.py --workloads 4k-read-qd32 --reps 5
+    bench/run_bench.py --header-digest  # CRC32C header digests (libiscsi has no data digests)
+    bench/run_bench.py --sessions 16    # 16 qemu-img processes (sessions) at once per lane
 
-Needs Debian's istgt (/usr/sbin/istgt), qemu-utils and qemu-block-extra.
+Needs Debian's istgt (/usr/sbin/istgt), tgt (/usr/sbin/tgtd), qemu-utils, qemu-block-extra.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import shutil
 import signal
@@ -36,6 +42,7 @@ CONFIG_TEMPLATE = BENCH_DIR / "c-istgt.conf"
 NODE_BASE = "iqn.2007-09.jp.ne.peach.istgt"
 TARGET_NAME = "bench"
 C_ISTGT = "/usr/sbin/istgt"
+TGTD, TGTADM = "/usr/sbin/tgtd", "/usr/sbin/tgtadm"
 STARTUP_TIMEOUT_S = 20.0
 SHUTDOWN_TIMEOUT_S = 10.0
 
@@ -85,10 +92,32 @@ class Target:
     directory: Path
     port: int
     process: subprocess.Popen | None = field(default=None, repr=False)
+    lun: int = 0
+    # commands run once the portal answers, and to ask it to stop (tgtadm for tgt)
+    setup: list[list[str]] = field(default_factory=list)
+    teardown: list[list[str]] = field(default_factory=list)
 
     @property
     def url(self) -> str:
-        return f"iscsi://127.0.0.1:{self.port}/{NODE_BASE}:{TARGET_NAME}/0"
+        return f"iscsi://127.0.0.1:{self.port}/{NODE_BASE}:{TARGET_NAME}/{self.lun}"
+
+    def source(self, header_digest: bool) -> str:
+        """What qemu-img opens: the URL, or --image-opts asking for header digests."""
+        if not header_digest:
+            return self.url
+        return (f"driver=iscsi,transport=tcp,portal=127.0.0.1:{self.port},"
+                f"target={NODE_BASE}:{TARGET_NAME},lun={self.lun},header-digest=crc32c")
+
+    def resident_kib(self) -> int | None:
+        """VmRSS of the target process, in KiB."""
+        try:
+            with open(f"/proc/{self.process.pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1])
+        except (OSError, AttributeError):
+            return None
+        return None
 
     @property
     def log_path(self) -> Path:
@@ -105,6 +134,8 @@ class Target:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode} at "
                                    f"start-up:\n{self.log_path.read_text(errors='replace')}")
             if port_accepts(self.port):
+                for command in self.setup:
+                    subprocess.run(command, check=True, capture_output=True, timeout=30)
                 return
             time.sleep(0.1)
         raise RuntimeError(f"{self.name} did not listen on 127.0.0.1:{self.port} within "
@@ -113,6 +144,10 @@ class Target:
     def stop(self) -> int | None:
         if self.process is None or self.process.poll() is not None:
             return None if self.process is None else self.process.returncode
+        for command in self.teardown:
+            subprocess.run(command, capture_output=True, timeout=30)
+        if self.process.poll() is not None:
+            return self.process.returncode
         self.process.send_signal(signal.SIGTERM)
         try:
             return self.process.wait(timeout=SHUTDOWN_TIMEOUT_S)
@@ -144,29 +179,65 @@ def prepare(name: str, root: Path, size_bytes: int, command_prefix: list[str],
                   directory, port)
 
 
-def run_workload(url: str, workload: Workload, requests: int, timeout_s: float,
-                 ) -> tuple[float | None, str]:
-    """Seconds that `qemu-img bench` reports for the run, or None and why it failed."""
-    command = ["qemu-img", "bench", "-f", "raw", "-c", str(requests), "-d", str(workload.depth),
+def prepare_tgt(root: Path, size_bytes: int) -> Target:
+    """tgtd on its own port and management socket, the same kind of sparse file as LUN 1."""
+    directory = root / "tgt"
+    directory.mkdir()
+    disk = directory / "disk.img"
+    with open(disk, "wb") as backing:
+        backing.truncate(size_bytes)
+    port = free_port()
+    control = str(random.randrange(1000, 9999))     # tgtd management socket number (< 10000)
+    admin = [TGTADM, "-C", control, "--lld", "iscsi"]
+    return Target("tgt", [TGTD, "-f", "-C", control, "--iscsi", f"portal=127.0.0.1:{port}"],
+                  directory, port, lun=1, setup=[
+                      [*admin, "--op", "new", "--mode", "target", "--tid", "1",
+                       "-T", f"{NODE_BASE}:{TARGET_NAME}"],
+                      [*admin, "--op", "new", "--mode", "logicalunit", "--tid", "1",
+                       "--lun", "1", "-b", str(disk)],
+                      [*admin, "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"],
+                  ], teardown=[
+                      # tgtd ignores SIGTERM while it has targets: remove them, then stop it
+                      [*admin, "--op", "delete", "--mode", "target", "--tid", "1", "--force"],
+                      [TGTADM, "-C", control, "--op", "delete", "--mode", "system"],
+                  ])
+
+
+def run_workload(source: str, workload: Workload, requests: int, timeout_s: float,
+                 sessions: int = 1) -> tuple[float | None, str]:
+    """Seconds until `sessions` concurrent `qemu-img bench` runs (each its own iSCSI
+    session) all finished, as they report them; or None and why one failed."""
+    command = ["qemu-img", "bench", "-c", str(requests), "-d", str(workload.depth),
                "-s", workload.block_size, "-S", workload.block_size]
     if workload.write:
         command += ["-w", "--pattern=0x5a"]
-    command.append(url)
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
-                                stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return None, f"no result within {timeout_s:.0f} s"
-    found = re.search(r"Run completed in ([\d.]+) seconds", result.stdout)
-    if result.returncode != 0 or found is None:
-        lines = (result.stderr or result.stdout).strip().splitlines()
-        return None, lines[-1] if lines else f"exit status {result.returncode}"
-    return float(found.group(1)), ""
+    # a URL is opened raw; --image-opts names its driver itself (and excludes -f)
+    command += ["--image-opts", source] if source.startswith("driver=") else ["-f", "raw", source]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             stdin=subprocess.DEVNULL) for _ in range(sessions)]
+    slowest, failure = 0.0, ""
+    for run in runs:
+        try:
+            out, err = run.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            run.communicate()
+            failure = f"no result within {timeout_s:.0f} s"
+            continue
+        found = re.search(r"Run completed in ([\d.]+) seconds", out)
+        if run.returncode != 0 or found is None:
+            lines = (err or out).strip().splitlines()
+            failure = lines[-1] if lines else f"exit status {run.returncode}"
+            continue
+        slowest = max(slowest, float(found.group(1)))
+    return (None, failure) if failure else (slowest, "")
 
 
 def bench(lanes: list[tuple[str, str]], workload_names: list[str], reps: int, scale: float,
-          timeout_s: float) -> dict[str, dict[str, float]]:
-    """Median ops/s per workload per lane; lanes alternate within each repetition."""
+          timeout_s: float, sessions: int = 1, after_workload=None,
+          ) -> dict[str, dict[str, float]]:
+    """Median ops/s per workload per lane (summed over `sessions` concurrent sessions);
+    lanes alternate within each repetition."""
     medians: dict[str, dict[str, float]] = {}
     for workload_name in workload_names:
         workload = WORKLOADS[workload_name]
@@ -175,7 +246,7 @@ def bench(lanes: list[tuple[str, str]], workload_names: list[str], reps: int, sc
         errors: dict[str, str] = {}
         for _rep in range(reps):
             for name, url in lanes:
-                seconds, error = run_workload(url, workload, requests, timeout_s)
+                seconds, error = run_workload(url, workload, requests, timeout_s, sessions)
                 if seconds is None:
                     errors[name] = error
                 else:
@@ -185,23 +256,28 @@ def bench(lanes: list[tuple[str, str]], workload_names: list[str], reps: int, sc
             if not times[name]:
                 print(f"{workload_name:14} {name:13} FAILED: {errors.get(name)}", flush=True)
                 continue
-            ops = requests / statistics.median(times[name])
+            total = requests * sessions
+            ops = total / statistics.median(times[name])
             medians[workload_name][name] = ops
-            spread = f"[{requests / max(times[name]):.0f}-{requests / min(times[name]):.0f}]"
+            spread = f"[{total / max(times[name]):.0f}-{total / min(times[name]):.0f}]"
             mib = ops * workload.block_bytes / (1 << 20)
             print(f"{workload_name:14} {name:13} {ops:9.0f} ops/s {spread:>17} "
                   f"{mib:8.1f} MiB/s", flush=True)
+        if after_workload is not None:
+            after_workload(workload_name)
     return medians
 
 
 def print_ratios(medians: dict[str, dict[str, float]]) -> None:
-    print("\n# ratios (ops/s): python/c-istgt, and the A/A control python-again/python")
-    print(f"{'workload':14} {'py/C':>7} {'py2/C':>7} {'A/A':>7}")
+    print("\n# ratios (ops/s): python/c-istgt, tgt/c-istgt, and the A/A control "
+          "python-again/python")
+    print(f"{'workload':14} {'py/C':>7} {'py2/C':>7} {'tgt/C':>7} {'A/A':>7}")
     for workload_name, ops in medians.items():
         def ratio(top: str, bottom: str) -> str:
             return f"{ops[top] / ops[bottom]:7.2f}" if top in ops and bottom in ops else "      -"
         print(f"{workload_name:14} {ratio('python', 'c-istgt')} "
-              f"{ratio('python-again', 'c-istgt')} {ratio('python-again', 'python')}")
+              f"{ratio('python-again', 'c-istgt')} {ratio('tgt', 'c-istgt')} "
+              f"{ratio('python-again', 'python')}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mib", type=int, default=1024, help="LU size of each target")
     parser.add_argument("--timeout", type=float, default=120.0, help="per qemu-img run")
     parser.add_argument("--python", default=sys.executable, help="interpreter of the target")
+    parser.add_argument("--sessions", type=int, default=1,
+                        help="concurrent qemu-img processes (iSCSI sessions) per lane")
+    parser.add_argument("--header-digest", action="store_true",
+                        help="CRC32C header digests (libiscsi offers no data digests)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.scale, args.reps = 0.02, 1
@@ -221,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in workload_names if name not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}")
-    for tool in (C_ISTGT, "qemu-img"):
+    for tool in (C_ISTGT, TGTD, TGTADM, "qemu-img"):
         if shutil.which(tool) is None:
-            parser.error(f"{tool} is not installed (apt-get install istgt qemu-utils "
+            parser.error(f"{tool} is not installed (apt-get install istgt tgt qemu-utils "
                          "qemu-block-extra)")
 
     root = Path(tempfile.mkdtemp(prefix="istgt-bench-"))
@@ -231,18 +311,31 @@ def main(argv: list[str] | None = None) -> int:
     python_target = prepare("python", root, size, [args.python, "-m", "istgt.main"],
                             control_socket=True)
     c_target = prepare("c-istgt", root, size, [C_ISTGT])
+    tgt_target = prepare_tgt(root, size)
     started: list[Target] = []
     status = 1
     try:
-        for target in (python_target, c_target):
+        for target in (python_target, c_target, tgt_target):
             target.start(env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
             started.append(target)
-        print(f"# python {python_target.url}\n# c-istgt {c_target.url}\n"
-              f"# reps {args.reps}, scale {args.scale}, LU {args.size_mib} MiB each", flush=True)
-        lanes = [("python", python_target.url), ("c-istgt", c_target.url),
-                 ("python-again", python_target.url)]
-        medians = bench(lanes, workload_names, args.reps, args.scale, args.timeout)
+        print(f"# python {python_target.url}\n# c-istgt {c_target.url}\n# tgt {tgt_target.url}\n"
+              f"# reps {args.reps}, scale {args.scale}, LU {args.size_mib} MiB each, "
+              f"{args.sessions} session(s) per lane, header digest "
+              f"{'CRC32C' if args.header_digest else 'none'}", flush=True)
+        digest = args.header_digest
+        lanes = [("python", python_target.source(digest)), ("c-istgt", c_target.source(digest)),
+                 ("tgt", tgt_target.source(digest)),
+                 ("python-again", python_target.source(digest))]
+        resident = [python_target.resident_kib()]
+
+        def note_memory(_workload: str) -> None:
+            resident.append(python_target.resident_kib())
+
+        medians = bench(lanes, workload_names, args.reps, args.scale, args.timeout,
+                        args.sessions, after_workload=note_memory)
         print_ratios(medians)
+        print(f"\n# python target resident memory (KiB), at start then after each workload: "
+              f"{' '.join(str(kib) for kib in resident)}")
         status = 0 if all(len(ops) == len(lanes) for ops in medians.values()) else 1
     finally:
         for target in reversed(started):
