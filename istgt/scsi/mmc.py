@@ -38,27 +38,6 @@ SUPPORTED_CLASSES = (1 << CLASS_OPERATIONAL) | (1 << CLASS_POWER) | (1 << CLASS_
     | (1 << CLASS_MEDIA)
 
 
-class NoMedium:
-    """The backing store of an empty drive: nothing reaches it (medium access is NOT READY
-    first), it only gives DiskDevice a size."""
-
-    size = DVD_BLOCK
-    read_only = True
-    supports_unmap = False
-    path = "/dev/null"
-
-    def read(self, offset: int, length: int) -> bytes:
-        raise OSError(5, "no medium")
-
-    read_stable = read
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def dvd_page_definitions() -> list[PageDefinition]:
     pages = [p for p in disk_page_definitions(write_cache=False, read_cache=True)
              if p.page in (0x08, 0x0A, 0x1C)]
@@ -76,7 +55,7 @@ class DvdDevice(sbc.DiskDevice):
     UA_EXEMPT = sbc.DiskDevice.UA_EXEMPT | {0x46, 0x4A}
 
     def __init__(self, lu: Any, lun: Any, backend: Any | None) -> None:
-        super().__init__(lu, lun, backend if backend is not None else NoMedium())
+        super().__init__(lu, lun, backend if backend is not None else sbc.NoStore(DVD_BLOCK))
         self.read_only = True                      # nothing writes through MMC here
         self.thin = False
         self.provisioning = dataclasses.replace(self.provisioning, thin=False,
@@ -144,7 +123,7 @@ class DvdDevice(sbc.DiskDevice):
             self.medium.operator_eject()
             old = self.backend
             with self.extents.exclusive(0, max(self.block_count, 1)):
-                self.backend = backend if backend is not None else NoMedium()
+                self.backend = backend if backend is not None else sbc.NoStore(DVD_BLOCK)
                 self.block_count = self.backend.size // self.block_length
                 self.media_path = path if backend is not None else None
             old.close()

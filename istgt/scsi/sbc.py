@@ -65,6 +65,29 @@ FUA = 0x08
 FUA_NV = 0x02
 
 
+class NoStore:
+    """The backing store of a drive with nothing in it (DVD, tape): medium access is NOT
+    READY before it is reached; it only gives DiskDevice a size of one block."""
+
+    read_only = True
+    supports_unmap = False
+    path = "/dev/null"
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def read(self, offset: int, length: int) -> bytes:
+        raise OSError(errno.EIO, "no medium")
+
+    read_stable = read
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _attr(obj: Any, name: str, default: Any) -> Any:
     value = getattr(obj, name, default)
     return default if value is None else value

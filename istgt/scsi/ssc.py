@@ -32,21 +32,6 @@ END_OF_DATA_DETECTED = 0x0005
 BUFFERED_MODE = 0x10               # device-specific parameter: writes are buffered (mode 1)
 
 
-class NoCartridge:
-    """What DiskDevice sees as the store: the tape itself is in `TapeDevice.tape`."""
-
-    size = 512
-    read_only = True
-    supports_unmap = False
-    path = "/dev/null"
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def tape_page_definitions() -> list[PageDefinition]:
     shared = [p for p in disk_page_definitions(write_cache=True, read_cache=True)
               if p.page in (0x0A, 0x1C)]
@@ -67,7 +52,8 @@ class TapeDevice(sbc.DiskDevice):
     peripheral_type = PeripheralDeviceType.SEQUENTIAL_ACCESS
 
     def __init__(self, lu: Any, lun: Any, tape: VirtualTape | None) -> None:
-        super().__init__(lu, lun, NoCartridge())
+        # the tape itself is in self.tape; DiskDevice only needs a store of one block
+        super().__init__(lu, lun, sbc.NoStore(512))
         self.thin = False
         self.atomic_journal = None
         self.table = TAPE_COMMANDS
@@ -194,8 +180,7 @@ def read_block_limits(device: TapeDevice, task: ScsiTask) -> None:
 
 def rewind(device: TapeDevice, task: ScsiTask) -> None:
     _loaded_tape(device)
-    with device._tape_lock:
-        device.position = 0
+    device.position = 0
 
 
 def read6(device: TapeDevice, task: ScsiTask) -> None:
@@ -211,11 +196,10 @@ def read6(device: TapeDevice, task: ScsiTask) -> None:
     tape = _loaded_tape(device)
     if count == 0:
         return
-    with device._tape_lock:
-        if fixed:
-            _read_fixed(device, tape, task, count)
-        else:
-            _read_variable(device, tape, task, count, sili)
+    if fixed:
+        _read_fixed(device, tape, task, count)
+    else:
+        _read_variable(device, tape, task, count, sili)
 
 
 def _read_variable(device: TapeDevice, tape: VirtualTape, task: ScsiTask, wanted: int,
@@ -279,47 +263,45 @@ def write6(device: TapeDevice, task: ScsiTask) -> None:
     if count == 0:
         return
     data = sbc.data_out(task, length)
-    with device._tape_lock:
-        tape.truncate(device.position)        # writing ends the tape here
-        records = [bytes(data[i:i + device.fixed_block_length])
-                   for i in range(0, length, device.fixed_block_length)] if fixed \
-            else [bytes(data)]
-        written = 0
-        try:
-            for record in records:
-                tape.append(record)
-                written += 1
-        except VolumeOverflow:
-            raise _overflow(len(records) - written if fixed else length) from None
-        except OSError as exc:
-            raise CheckCondition(SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR) from exc
-        finally:
-            device.position = len(tape.records)
-        try:
-            tape.finish()
-        except OSError as exc:
-            log.error("tape %s: filemark table not saved: %s", tape.path, exc)
-            raise CheckCondition(SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR) from None
+    tape.truncate(device.position)        # writing ends the tape here
+    records = [bytes(data[i:i + device.fixed_block_length])
+               for i in range(0, length, device.fixed_block_length)] if fixed \
+        else [bytes(data)]
+    written = 0
+    try:
+        for record in records:
+            tape.append(record)
+            written += 1
+    except VolumeOverflow:
+        raise _overflow(len(records) - written if fixed else length) from None
+    except OSError as exc:
+        raise CheckCondition(SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR) from exc
+    finally:
+        device.position = len(tape.records)
+    try:
+        tape.finish()
+    except OSError as exc:
+        log.error("tape %s: filemark table not saved: %s", tape.path, exc)
+        raise CheckCondition(SenseKey.MEDIUM_ERROR, Asc.WRITE_ERROR) from None
 
 
 def write_filemarks(device: TapeDevice, task: ScsiTask) -> None:
     count = u24(task.cdb, 2)
     tape = _loaded_tape(device)
     _check_writable(device)
-    with device._tape_lock:
-        if count == 0:
-            tape.flush()                   # WRITE FILEMARKS 0: flush the buffer
-            return
-        tape.truncate(device.position)
-        try:
-            for written in range(count):
-                tape.append(None)
-        except VolumeOverflow:
-            raise _overflow(count - written) from None
-        finally:
-            device.position = len(tape.records)
-            tape.finish()
-        tape.flush()
+    if count == 0:
+        tape.flush()                   # WRITE FILEMARKS 0: flush the buffer
+        return
+    tape.truncate(device.position)
+    try:
+        for written in range(count):
+            tape.append(None)
+    except VolumeOverflow:
+        raise _overflow(count - written) from None
+    finally:
+        device.position = len(tape.records)
+        tape.finish()
+    tape.flush()
 
 
 def space6(device: TapeDevice, task: ScsiTask) -> None:
@@ -327,16 +309,15 @@ def space6(device: TapeDevice, task: ScsiTask) -> None:
     code = cdb[1] & 0x0F
     count = int.from_bytes(cdb[2:5], "big", signed=True)
     tape = _loaded_tape(device)
-    with device._tape_lock:
-        records = tape.records
-        if code == 3:                                   # end of data
-            device.position = len(records)
-        elif code == 0:
-            _space_blocks(device, records, count)
-        elif code == 1:
-            _space_filemarks(device, records, count)
-        else:
-            raise invalid_field_in_cdb(1, 3)
+    records = tape.records
+    if code == 3:                                   # end of data
+        device.position = len(records)
+    elif code == 0:
+        _space_blocks(device, records, count)
+    elif code == 1:
+        _space_filemarks(device, records, count)
+    else:
+        raise invalid_field_in_cdb(1, 3)
 
 
 def _space_blocks(device: TapeDevice, records: list, count: int) -> None:
@@ -384,13 +365,12 @@ def erase6(device: TapeDevice, task: ScsiTask) -> None:
     """ERASE from the current position to the end (at BOP: a fresh cartridge)."""
     tape = _loaded_tape(device)
     _check_writable(device)
-    with device._tape_lock:
-        if device.position == 0:
-            tape.format()
-        else:
-            tape.truncate(device.position)
-            tape.finish()
-            tape.flush()
+    if device.position == 0:
+        tape.format()
+    else:
+        tape.truncate(device.position)
+        tape.finish()
+        tape.flush()
 
 
 def load_unload(device: TapeDevice, task: ScsiTask) -> None:
@@ -402,13 +382,11 @@ def load_unload(device: TapeDevice, task: ScsiTask) -> None:
         if not device.operator_load():
             raise CheckCondition(SenseKey.NOT_READY, Asc.MEDIUM_NOT_PRESENT)
         if not hold:
-            with device._tape_lock:
-                device.position = 0
+            device.position = 0
         return
     _loaded_tape(device)
     if hold:
-        with device._tape_lock:
-            device.position = 0
+        device.position = 0
         return
     device.flush()
     if not device.operator_unload():
@@ -421,20 +399,18 @@ def locate10(device: TapeDevice, task: ScsiTask) -> None:
         raise invalid_field_in_cdb(8)
     address = u32(cdb, 3)
     tape = _loaded_tape(device)
-    with device._tape_lock:
-        if address > len(tape.records):
-            device.position = len(tape.records)
-            raise CheckCondition(SenseKey.BLANK_CHECK, END_OF_DATA_DETECTED)
-        device.position = address
+    if address > len(tape.records):
+        device.position = len(tape.records)
+        raise CheckCondition(SenseKey.BLANK_CHECK, END_OF_DATA_DETECTED)
+    device.position = address
 
 
 def read_position(device: TapeDevice, task: ScsiTask) -> None:
     cdb = task.cdb
     service_action = cdb[1] & 0x1F
     tape = _loaded_tape(device)
-    with device._tape_lock:
-        position = device.position
-        files = sum(1 for record in tape.records[:position] if record.filemark)
+    position = device.position
+    files = sum(1 for record in tape.records[:position] if record.filemark)
     bop = 0x80 if position == 0 else 0
     if service_action in (0, 1):
         # position known, nothing buffered: first = last object, 0 objects and bytes
