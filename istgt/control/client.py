@@ -145,7 +145,7 @@ def _auth_from_option(value: str) -> tuple[str, bool] | None:
 
 
 def _connect(config: ControlClientConfig, options: dict[str, str], verbose: TextIO | None,
-             ) -> tuple[socket.socket, str]:
+             ) -> socket.socket:
     timeout = config.timeout or None
     if "-h" in options or "-p" in options or config.tcp:
         host = options.get("-h", config.host)
@@ -153,7 +153,7 @@ def _connect(config: ControlClientConfig, options: dict[str, str], verbose: Text
         if verbose:
             verbose.write(f"connect to {host}:{port}\n")
         sock = socket.create_connection((host, port), timeout=timeout)
-        return sock, f"{host}:{port}"
+        return sock
     path = config.socket_path
     if verbose:
         verbose.write(f"connect to {path}\n")
@@ -164,7 +164,7 @@ def _connect(config: ControlClientConfig, options: dict[str, str], verbose: Text
     except OSError:
         sock.close()
         raise
-    return sock, path
+    return sock
 
 
 def _authenticate(channel: Channel, credentials: Credentials) -> None:
@@ -238,7 +238,7 @@ def run(request: Request, config: ControlClientConfig, options: dict[str, str],
         credentials: Credentials, quiet: bool, verbose: bool, out: TextIO, err: TextIO) -> int:
     name = request.command.upper()
     try:
-        sock, _where = _connect(config, options, out if verbose else None)
+        sock = _connect(config, options, out if verbose else None)
     except OSError as exc:
         err.write(f"connect error: {exc.strerror or exc}\n")
         return 1
