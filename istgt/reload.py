@@ -150,7 +150,7 @@ def _prepare(server: Any, new: Any) -> _Plan:
     return plan
 
 
-def _plan_luns(unit: Any, lu: Any, state_directory: str | None, build_disk: Any) -> _LunChange:
+def _plan_luns(unit: Any, lu: Any, state_directory: str | None, build: Any) -> _LunChange:
     change = _LunChange(lu, {}, set(unit.config.luns) - set(lu.luns), {})
     for number, lun in sorted(lu.luns.items()):
         old = unit.config.luns.get(number)
@@ -164,7 +164,7 @@ def _plan_luns(unit: Any, lu: Any, state_directory: str | None, build_disk: Any)
                                  "the LUN's current size (a LUN never shrinks online)")
             change.grown[number] = lun.size
             continue
-        change.built[number] = build_disk(lu, lun, state_directory)
+        change.built[number] = build(lu, lun, state_directory)
     return change
 
 
@@ -199,14 +199,10 @@ def _commit(server: Any, plan: _Plan) -> ReloadReport:
         copy_targets = CopyTargets(unit.devices.values())   # EXTENDED COPY's LUN registry
         for device in unit.devices.values():
             device.copy_targets = copy_targets
-    # LU registry: by number for istgtcontrol, by name for logins
     survivors = [unit for unit in running.values() if unit not in retired]
-    units = {unit.number: unit
-             for unit in [*survivors, *plan.added.values(), *plan.rebuilt.values()]}
     server.config = new
     server.sessions.max_sessions = g.max_sessions
-    server.units = dict(sorted(units.items()))
-    server._by_name = {unit.name.lower(): unit for unit in server.units.values()}
+    server.set_units([*survivors, *plan.added.values(), *plan.rebuilt.values()])
 
     # portals
     kept = [entry for entry in server._listeners if entry not in plan.gone_listeners]
@@ -227,12 +223,11 @@ def _commit(server: Any, plan: _Plan) -> ReloadReport:
     for unit in retired:
         attempt(f"shut down {unit.name}", unit.shutdown)
     from istgt.server import build_logical_unit
-    for name, lu in sorted(plan.deferred.items()):
+    for _name, lu in sorted(plan.deferred.items()):
         unit = attempt(f"rebuild {lu.name}", build_logical_unit, lu, g.max_sessions,
                        g.state_directory)
         if unit is not None:
-            server.units = dict(sorted({**server.units, unit.number: unit}.items()))
-            server._by_name = {**server._by_name, name: unit}
+            server.set_units([*server.units.values(), unit])
             report.rebuilt.append(unit.name)
 
     report.added = sorted(unit.name for unit in plan.added.values())

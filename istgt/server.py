@@ -197,6 +197,12 @@ class Server:
             self._close_units()
             raise
 
+    def set_units(self, units) -> None:
+        """Replace the LU registry (reload): by number for istgtcontrol, by name for
+        logins. Each map is swapped whole, so readers never see a half-built one."""
+        self.units = {unit.number: unit for unit in sorted(units, key=lambda u: u.number)}
+        self._by_name = {unit.name.lower(): unit for unit in self.units.values()}
+
     # ---- lookups used by login and discovery
     def find_target(self, name: str, portal_group_tag: int) -> LogicalUnit | None:
         unit = self._by_name.get(name.lower())
