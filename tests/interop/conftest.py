@@ -86,6 +86,17 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+def stop_process(process: subprocess.Popen, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` (the C istgt's and
+    other daemons' children of a test)."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def free_port() -> int:
     """One TCP port free on both 127.0.0.1 and ::1 at the time of asking."""
     return free_ports(1)[0]

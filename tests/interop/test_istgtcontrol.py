@@ -22,7 +22,7 @@ import pytest
 from tests.functional.initiator import Initiator
 from tests.interop.conftest import (
     MIB, MUTUAL_SECRET, NODE_BASE, MUTUAL_USER, REPO_ROOT, TARGET_SECRET, TARGET_USER, LuSpec, free_ports,
-    require_tool, start_target, stop_target,
+    require_tool, start_target, stop_process, stop_target,
 )
 
 pytestmark = pytest.mark.interop
@@ -184,12 +184,7 @@ def c_istgt(tmp_path_factory):
     try:
         yield conf
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         log.close()
 
 

@@ -4,7 +4,6 @@ the C istgt wrote reads here record by record, and one written here reads there.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 
@@ -12,7 +11,7 @@ import pytest
 
 from istgt.lu.vtape import VirtualTape
 from tests.functional.initiator import Initiator
-from tests.interop.conftest import NODE_BASE, free_ports
+from tests.interop.conftest import NODE_BASE, free_ports, stop_process
 
 pytestmark = pytest.mark.interop
 
@@ -75,12 +74,7 @@ def c_tape_target(tmp_path):
 
     def stop():
         for process, log in processes:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
             log.close()
         processes.clear()
 
