@@ -17,7 +17,7 @@ from typing import Any
 
 from istgt.lu.vtape import MAX_RECORD, VirtualTape, VolumeOverflow
 from istgt.scsi import sbc
-from istgt.scsi.command import ScsiTask, u16, u24, u32
+from istgt.scsi.command import ScsiTask, u24, u32
 from istgt.scsi.constants import Asc, Opcode, PeripheralDeviceType, SenseKey
 from istgt.scsi.modepages import ModePages, PageDefinition, _page, disk_page_definitions
 from istgt.scsi.sense import EOM, FILEMARK, ILI, CheckCondition, invalid_field_in_cdb
