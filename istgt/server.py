@@ -105,7 +105,7 @@ def _build_disk(lu_config, lun, state_directory: str | None):
 def build_device(lu_config, lun, state_directory: str | None):
     """The device of one LUN, by the LU's UnitType (StartupError when it cannot be)."""
     if lu_config.unit_type == "dvd":
-        return _build_dvd(lu_config, lun, state_directory)
+        return _build_dvd(lu_config, lun)
     if lu_config.unit_type == "tape":
         return _build_tape(lu_config, lun)
     return _build_disk(lu_config, lun, state_directory)
@@ -127,15 +127,12 @@ def _build_tape(lu_config, lun):
 
 def open_tape(path: str, size: int | None, flags, read_only: bool = False):
     """A virtual tape cartridge; `flags` as in `LUNn Removable` (ro, rw, extend, dynamic)."""
-    from istgt.lu.vtape import TapeFileError, VirtualTape
-    try:
-        return VirtualTape.open(path, size, read_only or ("ro" in flags and "rw" not in flags),
-                                growable=bool({"extend", "dynamic"} & set(flags)))
-    except TapeFileError as e:
-        raise ValueError(str(e)) from None
+    from istgt.lu.vtape import VirtualTape
+    return VirtualTape.open(path, size, read_only or ("ro" in flags and "rw" not in flags),
+                            growable=bool({"extend", "dynamic"} & set(flags)))
 
 
-def _build_dvd(lu_config, lun, state_directory: str | None):
+def _build_dvd(lu_config, lun):
     """A DVD drive with its disc loaded, or empty (`/dev/null`, or an image that is not
     there: the operator can load one later with istgtcontrol change)."""
     from istgt.scsi.mmc import DvdDevice

@@ -37,7 +37,7 @@ _MARK = "8s11Q32x"
 _CONTROL = "8s11Q"
 
 
-class TapeFileError(Exception):
+class TapeFileError(ValueError):
     """The file is not a virtual tape this code can read."""
 
 
