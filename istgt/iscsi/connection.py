@@ -443,7 +443,7 @@ class Connection:
     def _flush_submissions(self) -> None:
         if self._to_submit:
             items, self._to_submit = self._to_submit, []
-            self.session.target.submit_many(items)
+            self.session.target.submit_many(items, run_here=True)
 
     # ------------------------------------------------------------------ completion
     def _immediate_in_flight(self) -> int:

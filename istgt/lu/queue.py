@@ -74,6 +74,22 @@ class TaskQueue:
                 self._idle.pop().release()
             return refused
 
+    def start_now(self, entries: list[QueuedTask]) -> int:
+        """Mark as running, for the calling thread to execute, the leading SIMPLE `entries`
+        that may start at once (nothing waiting ahead of them, no ORDERED task running, room
+        in the task set); returns how many. They are finished with finish() as usual."""
+        with self._lock:
+            if self._closed or self._waiting or self._ordered_running:
+                return 0
+            room = self.limit - len(self._running)
+            started = 0
+            for entry in entries:
+                if started >= room or entry.attr != SIMPLE:
+                    break
+                self._running.append(entry)
+                started += 1
+            return started
+
     def _pick(self) -> QueuedTask | None:
         waiting = self._waiting
         if not waiting:

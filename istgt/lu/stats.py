@@ -3,7 +3,8 @@ from arrival to completion, per LUN and I_T nexus (istgtcontrol stats).
 
 Every worker thread counts into its own table, so the data path takes no lock; `snapshot`
 adds the tables up (reading another thread's integers is safe under the GIL, and a count
-that is a command behind is fine for statistics).
+that is a command behind is fine for statistics). Connection threads, which come and go,
+share one table under a lock instead of leaving a table behind each.
 """
 
 from __future__ import annotations
@@ -36,13 +37,24 @@ class IoStats:
         # thread ident -> (nexus, lun) -> [commands, read, written, latency ns]; each
         # thread writes only its own table
         self._tables: dict[int, dict[tuple[object, int], list[int]]] = {}
+        self._shared: dict[tuple[object, int], list[int]] = {}    # guarded by _shared_lock
+        self._shared_lock = threading.Lock()
 
-    def record_batch(self, batch, now_ns: int) -> None:
-        """Count the entries of a worker's batch (lu.queue.QueuedTask) that ran."""
+    def record_batch(self, batch, now_ns: int, shared_thread: bool = False) -> None:
+        """Count the entries of a batch (lu.queue.QueuedTask) that ran; `shared_thread`: on
+        a thread that is not one of the LU's workers."""
+        if shared_thread:
+            with self._shared_lock:
+                self._count(self._shared, batch, now_ns)
+            return
         ident = threading.get_ident()
         table = self._tables.get(ident)
         if table is None:
             table = self._tables[ident] = {}
+        self._count(table, batch, now_ns)
+
+    @staticmethod
+    def _count(table, batch, now_ns: int) -> None:
         for entry in batch:
             if entry.aborted:
                 continue
@@ -61,9 +73,11 @@ class IoStats:
             counts[LATENCY_NS] += now_ns - entry.queued_ns
 
     def snapshot(self) -> dict[tuple[int, object], Counters]:
-        """(lun, nexus) -> counters, summed over the worker threads."""
+        """(lun, nexus) -> counters, summed over the threads that ran commands."""
         total: dict[tuple[int, object], Counters] = {}
-        for table in list(self._tables.values()):
+        with self._shared_lock:
+            shared = [(key, list(counts)) for key, counts in self._shared.items()]
+        for table in [*self._tables.values(), dict(shared)]:
             for (nexus, lun), counts in list(table.items()):
                 key = (lun, nexus)
                 total[key] = total.get(key, Counters()) + Counters(*counts)

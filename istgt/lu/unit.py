@@ -9,7 +9,7 @@ import threading
 import time
 
 from istgt.scsi import spc
-from istgt.lu.queue import QueuedTask, TaskQueue
+from istgt.lu.queue import BATCH_HINT, QueuedTask, TaskQueue
 from istgt.lu.stats import IoStats
 from istgt.lu.worker import WorkerPool
 
@@ -19,6 +19,17 @@ TASK_SET_FULL = 0x28
 REPORT_LUNS = 0xA0
 # More workers than cores only add GIL hand-offs for a page-cache-backed file (measured).
 MAX_WORKERS = max(2, os.cpu_count() or 2)
+# Quick commands run on the submitting connection's thread (no hand-off to a worker) unless
+# one of them took longer than INLINE_SLOW_NS; then, for INLINE_PAUSE_NS, all go to workers,
+# so a slow backing store never keeps a connection from reading its next PDUs for long.
+INLINE_SLOW_NS = 2_000_000
+INLINE_PAUSE_NS = 1_000_000_000
+INLINE_BATCH_BYTES = 1024 * 1024
+INLINE_MAX_BYTES = 128 * 1024   # larger transfers gain more from a worker's overlap (measured)
+
+
+def _never_quick(cdb) -> bool:
+    return False
 
 
 class LogicalUnit:
@@ -36,6 +47,7 @@ class LogicalUnit:
         self._queue = TaskQueue(limit)
         workers = 1 if self.queue_depth == 0 else min(MAX_WORKERS, self.queue_depth)
         self.stats = IoStats()
+        self._inline_paused_until = 0       # perf_counter_ns(); a benign race between threads
         self._pool = WorkerPool(f"LU{self.number}", self._queue, self._execute, workers,
                                 completion_batch, executed=self._count)
         for device in devices.values():
@@ -49,10 +61,50 @@ class LogicalUnit:
         status, or on the aborting thread when it was aborted before it started."""
         self.submit_many([(task, done)])
 
-    def submit_many(self, items) -> None:
-        """Queue several (task, done) pairs in order, with one lock and few wake-ups."""
+    def submit_many(self, items, run_here: bool = False) -> None:
+        """Queue several (task, done) pairs in order, with one lock and few wake-ups.
+
+        `run_here`: the caller's thread may execute the leading quick ones itself (a
+        connection's receiver, between reading PDUs), which saves a thread hand-off each;
+        the rest go to the workers first, so they start meanwhile."""
         now = time.perf_counter_ns()
-        refused = self._queue.put_many([QueuedTask(t, d, t.attr, now) for t, d in items])
+        entries = [QueuedTask(t, d, t.attr, now) for t, d in items]
+        here = []
+        if run_here and now >= self._inline_paused_until:
+            quick = 0
+            for entry in entries:
+                task = entry.task
+                device = self.devices.get(task.lun)
+                if device is None or task.transfer_length > INLINE_MAX_BYTES or \
+                        not getattr(device, "quick", _never_quick)(task.cdb):
+                    break
+                quick += 1
+            if quick:
+                started = self._queue.start_now(entries[:quick])
+                here, entries = entries[:started], entries[started:]
+        if entries:
+            self._queue_entries(entries)
+        if here:
+            self._run_here(here, now)
+
+    def _run_here(self, entries, since_ns: int) -> None:
+        """Execute started entries on this thread, answered in batches like a worker's (a
+        batch is also cut at INLINE_BATCH_BYTES so large reads are not all held at once)."""
+        batch, size = [], 0
+        for entry in entries:
+            batch.append(entry)
+            size += entry.task.transfer_length
+            if len(batch) >= BATCH_HINT or size >= INLINE_BATCH_BYTES:
+                self._pool.run_batch(batch, shared_thread=True)
+                batch, size = [], 0
+        if batch:
+            self._pool.run_batch(batch, shared_thread=True)
+        took = time.perf_counter_ns() - since_ns
+        if took > INLINE_SLOW_NS * len(entries):
+            self._inline_paused_until = since_ns + took + INLINE_PAUSE_NS
+
+    def _queue_entries(self, entries) -> None:
+        refused = self._queue.put_many(entries)
         for entry in refused:
             task = entry.task
             task.status = TASK_SET_FULL
@@ -60,9 +112,9 @@ class LogicalUnit:
             task.data_in = None
             entry.done(task, False)
 
-    def _count(self, batch) -> None:
+    def _count(self, batch, shared_thread: bool) -> None:
         # one clock reading per batch: its tasks are answered together
-        self.stats.record_batch(batch, time.perf_counter_ns())
+        self.stats.record_batch(batch, time.perf_counter_ns(), shared_thread)
 
     def _execute(self, task) -> None:
         if self.queue_depth == 0:

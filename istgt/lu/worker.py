@@ -39,27 +39,32 @@ class WorkerPool:
             batch = queue.take(parker, BATCH)
             if batch is None:
                 return
+            self.run_batch(batch)
+
+    def run_batch(self, batch, shared_thread: bool = False) -> None:
+        """Execute started tasks and answer them together; a pool worker calls it, and so
+        does a connection's receiver for tasks it runs itself (`shared_thread`)."""
+        for entry in batch:
+            try:
+                if not entry.aborted:
+                    self._execute(entry.task)
+            except Exception:  # the device should never raise; keep the thread alive anyway
+                log.exception("task execution failed")
+        if self._executed is not None:
+            try:
+                self._executed(batch, shared_thread)
+            except Exception:  # statistics must never stop a worker
+                log.exception("task accounting failed")
+        with self._completion_batch():
             for entry in batch:
                 try:
-                    if not entry.aborted:
-                        self._execute(entry.task)
-                except Exception:  # the device should never raise; keep the worker alive anyway
-                    log.exception("task execution failed")
-            if self._executed is not None:
-                try:
-                    self._executed(batch)
-                except Exception:  # statistics must never stop a worker
-                    log.exception("task accounting failed")
-            with self._completion_batch():
-                for entry in batch:
-                    try:
-                        entry.done(entry.task, entry.aborted)
-                    except Exception:
-                        log.exception("task completion failed")
-            # Only now may an abort or reset that waits for these tasks answer: their
-            # responses were handed to the transport first (or suppressed if aborted).
-            for entry in batch:
-                queue.finish(entry)
+                    entry.done(entry.task, entry.aborted)
+                except Exception:
+                    log.exception("task completion failed")
+        # Only now may an abort or reset that waits for these tasks answer: their
+        # responses were handed to the transport first (or suppressed if aborted).
+        for entry in batch:
+            self._queue.finish(entry)
 
     def join(self, timeout: float | None = None) -> None:
         for t in self._threads:

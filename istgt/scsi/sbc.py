@@ -64,6 +64,10 @@ DPO = 0x10
 FUA = 0x08
 FUA_NV = 0x02
 
+# Commands that normally finish at page-cache speed (see DiskDevice.quick)
+_QUICK_READS = frozenset({Opcode.READ_6, Opcode.READ_10, Opcode.READ_12, Opcode.READ_16})
+_QUICK_WRITES = frozenset({Opcode.WRITE_6, Opcode.WRITE_10, Opcode.WRITE_12, Opcode.WRITE_16})
+
 
 class NoStore:
     """The backing store of a drive with nothing in it (DVD, tape): medium access is NOT
@@ -192,6 +196,21 @@ class DiskDevice:
             self._fail(
                 task, CheckCondition(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)
             )
+
+    def quick(self, cdb: bytes) -> bool:
+        """Whether the command is expected to finish about as fast as a page-cache copy: a
+        READ or a cached WRITE without FUA (anything that waits for stable storage is not),
+        so a connection may run it on its own thread."""
+        if len(cdb) < 2:
+            return False
+        opcode = cdb[0]
+        if opcode in _QUICK_READS:
+            return not self.mode_pages.read_cache_disabled and (
+                opcode == Opcode.READ_6 or not cdb[1] & FUA)
+        if opcode in _QUICK_WRITES:
+            return self.mode_pages.write_cache_enabled and (
+                opcode == Opcode.WRITE_6 or not cdb[1] & FUA)
+        return False
 
     def nexus_lost(self, nexus: ITNexus) -> None:
         """The I_T nexus is gone: forget its state; a later one with the same ports starts

@@ -51,6 +51,9 @@ class TapeDevice(sbc.DiskDevice):
 
     peripheral_type = PeripheralDeviceType.SEQUENTIAL_ACCESS
 
+    def quick(self, cdb: bytes) -> bool:
+        return False         # tape motion and filemarks: always on the LU's workers
+
     def __init__(self, lu: Any, lun: Any, tape: VirtualTape | None) -> None:
         # the tape itself is in self.tape; DiskDevice only needs a store of one block
         super().__init__(lu, lun, sbc.NoStore(512))

@@ -151,3 +151,116 @@ def test_queue_depth_zero_runs_one_at_a_time():
         time.sleep(0.01)
     assert sorted(results) == [0, 1, 2]
     lu.shutdown()
+
+
+# ---- commands run by the submitting thread (a connection's receiver)
+
+def test_start_now_takes_the_leading_simple_tasks_while_nothing_waits():
+    q = TaskQueue(3)
+    a, b, o, c = entry("a"), entry("b"), entry("o", ORDERED), entry("c")
+    assert q.start_now([a, b, o, c]) == 2          # stops at the ORDERED task
+    assert q.start_now([c, entry("d")]) == 1       # room for one more within the limit
+    assert not q.put(entry("e"))                    # started ones count against the depth
+    for e in (a, b, c):
+        q.finish(e)
+    q.put(o)                                        # an ORDERED task waiting ...
+    assert q.start_now([entry("f")]) == 0           # ... keeps younger ones behind it
+    assert q.take(parker())[0] is o
+    assert q.start_now([entry("g")]) == 0           # ... and so does one running
+    q.finish(o)
+    assert q.start_now([entry("h", HEAD_OF_QUEUE)]) == 0   # only SIMPLE tasks
+    q.close()
+    assert q.start_now([entry("i")]) == 0
+
+
+class QuickDevice(SlowDevice):
+    """Runs commands whose first CDB byte is 1 on the submitting thread."""
+
+    def __init__(self, delay=0.0):
+        super().__init__()
+        self.gate.set()
+        self.delay = delay
+        self.threads = {}
+
+    def quick(self, cdb):
+        return cdb[0] == 1
+
+    def execute(self, task):
+        self.threads[task.n] = threading.current_thread()
+        time.sleep(self.delay)
+        super().execute(task)
+
+
+def quick_task(n, length=4096, attr=SIMPLE):
+    task = Task(n, attr)
+    task.cdb = b"\x01" + bytes(5)
+    task.transfer_length = length
+    return task
+
+
+def wait_for(predicate, timeout=5):
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_quick_commands_run_on_the_submitting_thread_and_the_rest_on_workers():
+    dev = QuickDevice()
+    lu = LogicalUnit(Config(8), {0: dev}, max_sessions=1)
+    done = []
+    slow = Task(3)                                  # not quick: a worker runs it
+    big = quick_task(4, length=1 << 20)             # quick, but too large to run here
+    lu.submit_many([(quick_task(1), lambda t, a: done.append(t.n)),
+                    (quick_task(2), lambda t, a: done.append(t.n)),
+                    (slow, lambda t, a: done.append(t.n)),
+                    (quick_task(5), lambda t, a: done.append(t.n))], run_here=True)
+    me = threading.current_thread()
+    assert dev.threads[1] is me and dev.threads[2] is me
+    assert {1, 2} <= set(done)                      # answered before submit_many returned
+    assert wait_for(lambda: len(done) == 4)
+    assert dev.threads[3] is not me and dev.threads[5] is not me   # behind a non-quick one
+    lu.submit_many([(big, lambda t, a: done.append(t.n))], run_here=True)
+    assert wait_for(lambda: 4 in done) and dev.threads[4] is not me
+    lu.submit_many([(quick_task(6), lambda t, a: done.append(t.n))])   # not asked to
+    assert wait_for(lambda: 6 in done) and dev.threads[6] is not me
+    assert lu.stats.snapshot()[(0, "n1")].commands == 6    # both kinds of thread counted
+    lu.shutdown()
+
+
+def test_a_slow_command_sends_the_next_ones_to_the_workers(monkeypatch):
+    import istgt.lu.unit as unit
+    monkeypatch.setattr(unit, "INLINE_SLOW_NS", 10_000_000)
+    dev = QuickDevice(delay=0.05)
+    lu = LogicalUnit(Config(8), {0: dev}, max_sessions=1)
+    me = threading.current_thread()
+    lu.submit_many([(quick_task(1), lambda t, a: None)], run_here=True)
+    assert dev.threads[1] is me                     # took 50 ms: over the 10 ms bound
+    dev.delay = 0
+    lu.submit_many([(quick_task(2), lambda t, a: None)], run_here=True)
+    assert wait_for(lambda: 2 in dev.threads) and dev.threads[2] is not me
+    monkeypatch.setattr(unit, "INLINE_PAUSE_NS", 0)
+    lu._inline_paused_until = 0                     # the pause is over
+    lu.submit_many([(quick_task(3), lambda t, a: None)], run_here=True)
+    assert dev.threads[3] is me
+    lu.shutdown()
+
+
+def test_a_reset_waits_for_a_command_running_on_a_connection_thread():
+    dev = QuickDevice()
+    dev.gate.clear()
+    lu = LogicalUnit(Config(8), {0: dev}, max_sessions=1)
+    done = []
+    runner = threading.Thread(target=lu.submit_many, args=(
+        [(quick_task(1), lambda t, a: done.append((t.n, a)))],), kwargs={"run_here": True})
+    runner.start()
+    assert wait_for(lambda: dev.started == [1])
+    reset_done = threading.Event()
+    threading.Thread(target=lambda: (lu.abort_task_set("n1", 0), reset_done.set())).start()
+    time.sleep(0.1)
+    assert not reset_done.is_set()                  # the running command is waited for
+    dev.gate.set()
+    assert reset_done.wait(5)
+    assert done == [(1, True)]                      # and its answer suppressed
+    runner.join(5)
+    lu.shutdown()

@@ -293,6 +293,22 @@ def test_write_cache_disabled_makes_every_write_durable():
     assert backend.durable_writes == 2
 
 
+def test_quick_is_only_reads_and_cached_writes_that_wait_for_no_flush():
+    device = make_device()
+    assert device.quick(bytes(cdb10(0x28, 0, 8))) and device.quick(bytes(cdb6(0x08, 0, 8)))
+    assert device.quick(bytes(cdb10(0x2A, 0, 8))) and device.quick(bytes(cdb6(0x0A, 0, 8)))
+    assert device.quick(bytes([0x88] + [0] * 15)) and device.quick(bytes([0x8A] + [0] * 15))
+    assert not device.quick(bytes(cdb10(0x28, 0, 8, flags=0x08)))     # READ with FUA
+    assert not device.quick(bytes(cdb10(0x2A, 0, 8, flags=0x08)))     # WRITE with FUA
+    for opcode in (0x35, 0x42, 0x89, 0x93, 0x2F, 0x00, 0x12):
+        # SYNCHRONIZE CACHE, UNMAP, COMPARE AND WRITE, WRITE SAME, VERIFY, TUR, INQUIRY
+        assert not device.quick(bytes([opcode] + [0] * 15)), hex(opcode)
+    assert not device.quick(b"") and not device.quick(b"\x28")
+    uncached = make_device(lun=make_lun(write_cache=False, read_cache=False))
+    assert not uncached.quick(bytes(cdb10(0x2A, 0, 8)))    # WCE=0: every write is flushed
+    assert not uncached.quick(bytes(cdb10(0x28, 0, 8)))    # RCD=1: reads go to the medium
+
+
 def test_synchronize_cache_flushes_and_checks_range():
     backend = MemoryBackend(BLOCKS * 512)
     device = make_device(backend=backend)
