@@ -33,6 +33,7 @@ WRITE_BUDGET = 256 * 1024 * 1024        # write buffers one connection may hold 
 BUSY = 0x08
 MAX_TEXT_REQUEST = 65536                # a (continued) Text request, as for login keys
 MAX_IMMEDIATE = 16                      # immediate commands (outside the CmdSN window) at once
+DRAIN_S = 5.0                           # a closing connection still reads what has arrived
 CHECK_CONDITION = 0x02
 ABORTED_COMMAND = 0x0B
 DATA_PHASE_ERROR = 0x4B00
@@ -101,6 +102,7 @@ class Connection:
         self._deferred = 0                    # corked answers not yet written; guarded by lock
         self.idle = threading.Condition(self.lock)
         self.closing = False
+        self._drain_until = 0.0               # monotonic(): a closing receiver reads until then
         self.ping_ttt = None
         self.ping_sent_at = 0.0
         self.reader = PduReader(sock, self._flush_submissions, self.log)
@@ -199,7 +201,9 @@ class Connection:
             Op.TASK_MGMT_REQ: lambda pdu: tmf.handle(self, pdu), Op.TEXT_REQ: self._on_text,
             Op.LOGOUT_REQ: self._on_logout,
         }
-        while not self.closing:
+        # Closing gently, PDUs that already arrived are still served (commands sent before
+        # a shutdown are answered); the socket's SHUT_RD ends the stream after them.
+        while not self.closing or time.monotonic() < self._drain_until:
             bhs, ahs = self.reader.read_header()
             opcode = bhs[0] & 0x3F
             length = (bhs[5] << 16) | (bhs[6] << 8) | bhs[7]
@@ -697,6 +701,7 @@ class Connection:
         commands in flight are still answered; `force` also cuts writing at once."""
         if self.closing and not force:
             return
+        self._drain_until = 0.0 if force else time.monotonic() + DRAIN_S
         self.closing = True
         self.log.debug("closing connection from %s: %s", self.peer_ip, reason)
         try:
