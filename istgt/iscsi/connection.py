@@ -8,7 +8,6 @@ numbers and writes every ready PDU with one `sendmsg`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import threading
@@ -40,26 +39,37 @@ DATA_PHASE_ERROR = 0x4B00
 PROTOCOL_SERVICE_CRC_ERROR = 0x4705
 RESERVED = wire.RESERVED_TAG
 M32 = 0xFFFFFFFF
+_SCSI_CMD, _DATA_OUT = int(Op.SCSI_CMD), int(Op.DATA_OUT)    # plain ints for the hot loop
 
 
 _corked = threading.local()
 
 
-@contextlib.contextmanager
-def corked():
+class _Corked:
     """Responses this thread queues inside the block are written when it ends, one write per
-    connection (an LU worker finishing several tasks at once)."""
-    if getattr(_corked, "pending", None) is not None:
-        yield
-        return
-    pending: list[Connection] = []
-    _corked.pending = pending
-    try:
-        yield
-    finally:
+    connection (an LU worker finishing several tasks at once). A class rather than a
+    generator: it is entered once per batch of commands, on the hot path."""
+
+    __slots__ = ("pending",)
+
+    def __enter__(self):
+        if getattr(_corked, "pending", None) is not None:
+            self.pending = None             # nested: the outer block writes
+        else:
+            self.pending = _corked.pending = []
+        return self
+
+    def __exit__(self, *exc):
+        pending = self.pending
+        if pending is None:
+            return
         _corked.pending = None
         for conn in pending:
             conn._flush_corked()
+
+
+def corked() -> _Corked:
+    return _Corked()
 
 
 class _ConnectionLog(logging.LoggerAdapter):
@@ -215,16 +225,16 @@ class Connection:
                                  length, self.max_recv_segment)
                 self.send([wire.reject(RejectReason.PROTOCOL_ERROR, bhs)])
                 continue
-            if opcode == Op.DATA_OUT:
+            if opcode == _DATA_OUT:
                 self._on_data_out(wire.Pdu(bhs, ahs), length)
                 continue
-            data, ok = self.reader.read_data(length)
+            data, ok = self.reader.read_data(length) if length else (b"", True)
             if not ok:
                 self.log.warning("data digest error from %s", self.peer_ip)
                 self.send([wire.reject(RejectReason.DATA_DIGEST_ERROR, bhs)])
                 continue
             pdu = wire.Pdu(bhs, ahs, data)
-            if opcode != Op.SCSI_CMD:
+            if opcode != _SCSI_CMD:
                 self._flush_submissions()        # a TMF or Logout must see every command
             if self.writer.backlog > OUT_LIMIT:
                 self._flush_submissions()
