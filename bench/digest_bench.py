@@ -141,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                           f"{cpu[target.name, digest]:.2f} s/GiB", flush=True)
             for target in targets:
                 on, off = results[target.name, "CRC32C"], results[target.name, "None"]
+                cpu_off = cpu[target.name, "None"]
+                cpu_ratio = f"{cpu[target.name, 'CRC32C'] / cpu_off:.2f}" if cpu_off else "-"
                 print(f"{kind:13} {target.name:8} digests on/off: throughput {on / off:.2f}, "
-                      f"target CPU per GiB "
-                      f"{cpu[target.name, 'CRC32C'] / cpu[target.name, 'None']:.2f}")
+                      f"target CPU per GiB {cpu_ratio}")
         return 0
     finally:
         for target in reversed(started):
