@@ -15,6 +15,7 @@ target whatever happens.
     bench/run_bench.py --workloads 4k-read-qd32 --reps 5
     bench/run_bench.py --header-digest  # CRC32C header digests (libiscsi has no data digests)
     bench/run_bench.py --sessions 16    # 16 qemu-img processes (sessions) at once per lane
+    bench/run_bench.py --sessions 64 --workloads 4k-read-qd8,4k-write-qd8 --scale 0.2
 
 Needs Debian's istgt (/usr/sbin/istgt), tgt (/usr/sbin/tgtd), qemu-utils, qemu-block-extra.
 """
@@ -68,6 +69,12 @@ WORKLOADS = {
     "1m-read-qd8": Workload("1M", 8, False, 1500),
     "1m-write-qd8": Workload("1M", 8, True, 1500),
 }
+DEFAULT_WORKLOADS = list(WORKLOADS)
+# for many sessions at once (--sessions 64): each session's share of the load
+WORKLOADS.update({
+    "4k-read-qd8": Workload("4k", 8, False, 20000),
+    "4k-write-qd8": Workload("4k", 8, True, 20000),
+})
 
 
 def free_port() -> int:
@@ -298,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a quick check that everything runs: --scale 0.02 --reps 1")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply request counts")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
+                        help=f"comma-separated, from {', '.join(WORKLOADS)}")
     parser.add_argument("--size-mib", type=int, default=1024, help="LU size of each target")
     parser.add_argument("--timeout", type=float, default=120.0, help="per qemu-img run")
     parser.add_argument("--python", default=sys.executable, help="interpreter of the target")
@@ -306,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="concurrent qemu-img processes (iSCSI sessions) per lane")
     parser.add_argument("--header-digest", action="store_true",
                         help="CRC32C header digests (libiscsi offers no data digests)")
+    parser.add_argument("--lanes", default="python,c-istgt,tgt,python-again",
+                        help="which lanes run, in this order (python-again is the A/A control)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.scale, args.reps, args.size_mib = 0.02, 1, 64
@@ -327,17 +337,21 @@ def main(argv: list[str] | None = None) -> int:
     started: list[Target] = []
     status = 1
     try:
+        by_lane = {"python": python_target, "c-istgt": c_target, "tgt": tgt_target,
+                   "python-again": python_target}
+        lane_names = args.lanes.split(",")
+        if any(name not in by_lane for name in lane_names):
+            parser.error(f"unknown lane in {args.lanes}; choose from {', '.join(by_lane)}")
         for target in (python_target, c_target, tgt_target):
-            target.start(env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
-            started.append(target)
+            if target in (by_lane[name] for name in lane_names):
+                target.start(env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+                started.append(target)
         print(f"# python {python_target.url}\n# c-istgt {c_target.url}\n# tgt {tgt_target.url}\n"
               f"# reps {args.reps}, scale {args.scale}, LU {args.size_mib} MiB each, "
               f"{args.sessions} session(s) per lane, header digest "
               f"{'CRC32C' if args.header_digest else 'none'}", flush=True)
         digest = args.header_digest
-        lanes = [("python", python_target.source(digest)), ("c-istgt", c_target.source(digest)),
-                 ("tgt", tgt_target.source(digest)),
-                 ("python-again", python_target.source(digest))]
+        lanes = [(name, by_lane[name].source(digest)) for name in lane_names]
         resident = [python_target.resident_kib()]
 
         def note_memory(_workload: str) -> None:

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from istgt import EXTRA_VERSION, __version__, log
+from istgt import EXTRA_VERSION, __version__, allocator, log
 from istgt.config import ConfigError, load_config
 from istgt.server import Server, StartupError
 
@@ -430,6 +430,7 @@ def _print_error(message: str) -> None:
 
 def run(options: Options, server_factory: ServerFactory | None = None) -> int:
     """Start istgt with parsed options; returns the exit code."""
+    allocator.tune()
     inherited_fds = open_fds()
     try:
         config = load_config(options.config_path)
