@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Resident memory of the Python target over a long run: the six qemu-img bench workloads
+over and over for a set time, one session at a time, then 16 sessions at once, with VmRSS
+read after every workload. Flat means the last rounds end no higher than the first ones.
+
+    bench/memory_run.py --minutes 10
+    bench/memory_run.py --smoke          # one short round
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+import run_bench  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--scale", type=float, default=0.25, help="requests per workload run")
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.minutes, args.scale = 0.0, 0.01
+    root = Path(tempfile.mkdtemp(prefix="istgt-memory-"))
+    target = run_bench.prepare("python", root, 1 << 30,
+                               [sys.executable, str(run_bench.REPO_ROOT / "istgt.py")])
+    failures = 0
+    try:
+        target.start()
+        print(f"# start: {target.resident_kib()} KiB", flush=True)
+        deadline = time.monotonic() + args.minutes * 60
+        rounds = []
+        while True:
+            sizes = []
+            for name, workload in run_bench.WORKLOADS.items():
+                if name not in run_bench.DEFAULT_WORKLOADS:
+                    continue
+                requests = max(1, int(workload.requests * args.scale))
+                sessions = 16 if len(rounds) % 2 else 1      # every other round: 16 at once
+                seconds, error = run_bench.run_workload(target.url, workload, requests, 120,
+                                                        sessions)
+                if seconds is None:
+                    failures += 1
+                    print(f"# {name}: FAILED: {error}", flush=True)
+                sizes.append(target.resident_kib())
+            rounds.append(sizes)
+            print(f"round {len(rounds):3} ({'16 sessions' if (len(rounds) - 1) % 2 else '1 session '}) "
+                  f"RSS KiB after each workload: {' '.join(map(str, sizes))}", flush=True)
+            if time.monotonic() >= deadline:
+                break
+        first = max(max(r) for r in rounds[:2])
+        last = max(max(r) for r in rounds[-2:])
+        print(f"# rounds {len(rounds)}, peak of the first two {first} KiB, of the last two "
+              f"{last} KiB, failures {failures}", flush=True)
+        return 1 if failures else 0
+    finally:
+        target.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
