@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 
+from istgt import allocator
 from istgt.iscsi.connection import Connection, corked
 from istgt.iscsi.session import SessionRegistry
 from istgt.lu.backends import BackendError, FileBackend
@@ -293,6 +294,7 @@ class Server:
     def _keepalive_loop(self) -> None:
         g = self.config.global_
         next_growth_check = time.monotonic() + GROWTH_CHECK_S
+        next_trim = time.monotonic() + allocator.TRIM_INTERVAL_S
         while not self._stopping.wait(KEEPALIVE_TICK):
             now = time.monotonic()
             for conn in self.connections():
@@ -300,6 +302,9 @@ class Server:
             if now >= next_growth_check:
                 next_growth_check = now + GROWTH_CHECK_S
                 self._notice_growth()
+            if now >= next_trim:
+                next_trim = now + allocator.TRIM_INTERVAL_S
+                allocator.trim()
 
     def _notice_growth(self) -> None:
         for unit in list(self.units.values()):

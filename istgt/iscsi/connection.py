@@ -17,7 +17,7 @@ from istgt.iscsi import params, pdu as wire, tmf
 from istgt.iscsi.discovery import send_targets
 from istgt.iscsi.login import CLOSE, ENTER_FFP, LoginProcess
 from istgt.iscsi.pdu import Op, ProtocolError, RejectReason
-from istgt.iscsi.reader import ConnectionClosed, PduReader
+from istgt.iscsi.reader import CENSUS, ConnectionClosed, PduReader
 from istgt.iscsi.writer import OUT_LIMIT, PduWriter
 from istgt.iscsi.transfer import Command, R2tState, extended_cdb, scsi_responses
 from istgt.scsi.command import ScsiTask
@@ -129,6 +129,7 @@ class Connection:
     # ================================================================== receiving
     def _receive_main(self) -> None:
         reason = "closed"
+        CENSUS.joined()
         try:
             self.sock.settimeout(None)
             if self._login():
@@ -144,6 +145,7 @@ class Connection:
             reason = "internal error"
             self.log.exception("connection from %s failed", self.peer_ip)
         finally:
+            CENSUS.left()
             self._teardown(reason)
 
     # ------------------------------------------------------------------ login

@@ -23,9 +23,42 @@ RECV_BUFFER = 256 * 1024
 # for up to SPIN_NS: at queue depth 1 the next command usually arrives within that, and
 # sleeping and being woken again costs more than the command itself (4k QD1 reads: 1.46x
 # with 30 us, measured). Only SPIN_SLOTS receivers poll at once, so polling never takes
-# every core; an idle connection never polls. ISTGT_SPIN_US=0 turns it off.
+# every core; an idle connection never polls, and nobody polls while another receiver is
+# awake (its work would wait for the GIL). ISTGT_SPIN_US=0 turns it off.
 SPIN_NS = int(os.environ.get("ISTGT_SPIN_US", "30")) * 1000
 SPIN_SLOTS = [threading.Lock() for _ in range(max(1, (os.cpu_count() or 1) - 1))]
+
+
+class ReceiverCensus:
+    """How many receiver threads exist and how many sleep in recv right now."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.receivers = 0          # guarded by _lock
+        self.sleeping = 0           # guarded by _lock
+
+    def joined(self) -> None:
+        with self._lock:
+            self.receivers += 1
+
+    def left(self) -> None:
+        with self._lock:
+            self.receivers -= 1
+
+    def asleep(self) -> None:
+        with self._lock:
+            self.sleeping += 1
+
+    def awake(self) -> None:
+        with self._lock:
+            self.sleeping -= 1
+
+    def others_awake(self) -> bool:
+        """Whether a receiver besides the calling one is not sleeping."""
+        return self.receivers - self.sleeping > 1
+
+
+CENSUS = ReceiverCensus()
 
 
 class ConnectionClosed(Exception):
@@ -60,7 +93,7 @@ class PduReader:
         self.before_blocking()
         sock = self.sock
         view = self._buf
-        if self._spin and SPIN_NS:
+        if self._spin and SPIN_NS and not CENSUS.others_awake():
             n = self._poll(view[end:])
             if n is not None:
                 if n == 0:
@@ -68,12 +101,17 @@ class PduReader:
                     raise ConnectionClosed("peer closed the connection")
                 end += n
         waited_since = time.perf_counter_ns()
-        while end - start < need:
-            n = sock.recv_into(view[end:])
-            if n == 0:
-                self._end = end
-                raise ConnectionClosed("peer closed the connection")
-            end += n
+        if end - start < need:
+            CENSUS.asleep()
+            try:
+                while end - start < need:
+                    n = sock.recv_into(view[end:])
+                    if n == 0:
+                        self._end = end
+                        raise ConnectionClosed("peer closed the connection")
+                    end += n
+            finally:
+                CENSUS.awake()
         if SPIN_NS:
             self._spin = time.perf_counter_ns() - waited_since < 2 * SPIN_NS
         self._end = end
@@ -122,11 +160,15 @@ class PduReader:
             return
         self.before_blocking()
         sock = self.sock
-        while view:
-            n = sock.recv_into(view, len(view), socket.MSG_WAITALL)
-            if n == 0:
-                raise ConnectionClosed("peer closed the connection")
-            view = view[n:]
+        CENSUS.asleep()
+        try:
+            while view:
+                n = sock.recv_into(view, len(view), socket.MSG_WAITALL)
+                if n == 0:
+                    raise ConnectionClosed("peer closed the connection")
+                view = view[n:]
+        finally:
+            CENSUS.awake()
 
     def _recv_bytes(self, n: int):
         if n <= RECV_BUFFER // 4:

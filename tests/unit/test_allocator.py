@@ -35,3 +35,18 @@ def test_real_glibc_accepts_them():
     # this machine runs glibc: every setting is accepted (the process keeps them, harmlessly)
     assert allocator.tune({}) == ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
                                   "MALLOC_ARENA_MAX"]
+
+
+def test_trim_asks_glibc_to_give_free_heap_back(monkeypatch):
+    calls = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad):
+            calls.append(pad)
+            return 1
+    monkeypatch.setattr(allocator, "_libc", FakeLibc())
+    assert allocator.trim() and calls == [0]
+    monkeypatch.setattr(allocator, "_libc", None)
+    assert not allocator.trim()                   # without glibc: nothing to call
+    allocator.tune({})
+    assert allocator.trim()                       # the real one is there on this machine

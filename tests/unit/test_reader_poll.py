@@ -87,3 +87,43 @@ def test_polling_off(pair, monkeypatch):
     peer.sendall(BHS)
     r.read_header()
     assert not r._spin
+
+
+def test_no_polling_while_another_receiver_is_awake(pair, monkeypatch):
+    monkeypatch.setattr(reader_module, "SPIN_NS", 500_000_000)
+    census = reader_module.ReceiverCensus()
+    monkeypatch.setattr(reader_module, "CENSUS", census)
+    ours, peer = pair
+    r = make_reader(ours)
+    r._spin = True
+    polls = []
+    monkeypatch.setattr(r, "_poll", lambda view: polls.append(view) and None)
+    census.joined()
+    census.joined()                      # another receiver, busy
+    send_later(peer, BHS, 0.05)
+    r.read_header()
+    assert polls == []                   # slept in recv instead
+    assert census.sleeping == 0          # and is counted awake again
+    census.asleep()                      # the other one sleeps now
+    send_later(peer, BHS, 0.05)
+    r.read_header()
+    assert len(polls) == 1
+
+
+def test_the_census_counts_sleepers_through_errors():
+    census = reader_module.ReceiverCensus()
+    a, b = socket.socketpair()
+    try:
+        census.joined()
+        r = make_reader(a)
+        b.close()
+        original = reader_module.CENSUS
+        reader_module.CENSUS = census
+        try:
+            with pytest.raises(ConnectionClosed):
+                r.read_header()
+        finally:
+            reader_module.CENSUS = original
+        assert census.sleeping == 0 and census.receivers == 1
+    finally:
+        a.close()
