@@ -262,34 +262,41 @@ class Server:
                     return           # shut down, or the portal was closed by a reload
                 time.sleep(0.05)     # e.g. EMFILE: do not spin
                 continue
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                local = sock.getsockname()
-                conn = Connection(self, sock, peer, local, tag)
-            except OSError as e:
-                net_log.warning("accept from %s failed: %s", peer, e)
+            if not self._admit(sock, peer, tag):
+                return
+            sock = None        # the acceptor must not keep the last connection alive
+
+    def _admit(self, sock: socket.socket, peer, tag: int) -> bool:
+        """Start a connection on an accepted socket; False once the server is stopping."""
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            local = sock.getsockname()
+            conn = Connection(self, sock, peer, local, tag)
+        except OSError as e:
+            net_log.warning("accept from %s failed: %s", peer, e)
+            sock.close()
+            return True
+        net_log.debug("connection from %s to %s", peer, local)
+        with self._lock:
+            if self._stopping.is_set():
                 sock.close()
-                continue
-            net_log.debug("connection from %s to %s", peer, local)
-            with self._lock:
-                if self._stopping.is_set():
-                    sock.close()
-                    return
-                full = len(self._connections) >= self.max_connections
-                if not full:
-                    self._connections.add(conn)
-            if full:
-                net_log.warning("connection from %s refused: %d connections already",
-                                peer, self.max_connections)
-                sock.close()
-                continue
-            try:
-                conn.start()
-            except Exception as e:        # e.g. no more threads: keep accepting anyway
-                net_log.error("connection from %s dropped: %s", peer, e)
-                self.connection_closed(conn)
-                sock.close()
+                return False
+            full = len(self._connections) >= self.max_connections
+            if not full:
+                self._connections.add(conn)
+        if full:
+            net_log.warning("connection from %s refused: %d connections already",
+                            peer, self.max_connections)
+            sock.close()
+            return True
+        try:
+            conn.start()
+        except Exception as e:        # e.g. no more threads: keep accepting anyway
+            net_log.error("connection from %s dropped: %s", peer, e)
+            self.connection_closed(conn)
+            sock.close()
+        return True
 
     def _keepalive_loop(self) -> None:
         g = self.config.global_
@@ -297,14 +304,19 @@ class Server:
         next_trim = time.monotonic() + allocator.TRIM_INTERVAL_S
         while not self._stopping.wait(KEEPALIVE_TICK):
             now = time.monotonic()
-            for conn in self.connections():
-                conn.tick(now, g.nop_in_interval, g.timeout)
+            self._tick_connections(now, g)
             if now >= next_growth_check:
                 next_growth_check = now + GROWTH_CHECK_S
                 self._notice_growth()
             if now >= next_trim:
                 next_trim = now + allocator.TRIM_INTERVAL_S
                 allocator.trim()
+
+    def _tick_connections(self, now: float, g) -> None:
+        # a method of its own: its loop variable must not outlive the loop (an ended
+        # connection would stay alive in the keep-alive thread's frame)
+        for conn in self.connections():
+            conn.tick(now, g.nop_in_interval, g.timeout)
 
     def _notice_growth(self) -> None:
         for unit in list(self.units.values()):

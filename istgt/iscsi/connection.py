@@ -742,7 +742,15 @@ class Connection:
             s.end_nexus()
             log.info("session TSIH %d of %s ended (%s)", s.tsih, s.initiator_port, reason)
         self.server.connection_closed(self)
+        # The reader and writer call back into this connection: unhook them, so that
+        # reference counting frees it (and its receive buffer) now, not a later GC pass.
+        self.reader.before_blocking = _nothing
+        self.writer.on_failure = _nothing
         self.finished.set()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _plain_ip(ip: str) -> str:

@@ -40,6 +40,7 @@ class WorkerPool:
             if batch is None:
                 return
             self.run_batch(batch)
+            batch = None     # a parked worker must not keep its last tasks (and their connection) alive
 
     def run_batch(self, batch, shared_thread: bool = False) -> None:
         """Execute started tasks and answer them together; a pool worker calls it, and so
