@@ -334,17 +334,20 @@ class Response:
         return self.bhs[0] & 0x3F
 
 
+_SCSI_RSP = struct.Struct(">BBBBI 8xI 16x III")
+
+
 def scsi_response(itt: int, status: int, sense: bytes = b"", residual_flags: int = 0,
                   residual: int = 0, exp_data_sn: int = 0) -> Response:
     data = b""
     if sense:
         data = len(sense).to_bytes(2, "big") + sense
     r = Response(Op.SCSI_RSP, 0x80 | residual_flags, data, ends_command=True)
-    r.bhs[2] = 0  # command completed at target
-    r.bhs[3] = status
-    r.set_u32(OFF_ITT, itt)
-    r.set_u32(36, exp_data_sn)
-    r.set_u32(44, residual)
+    # one pack for the whole header (a hot path): opcode, flags, response 0 (completed at
+    # target), status, data segment length, ITT, [sequence numbers stamped later],
+    # ExpDataSN, bidirectional residual 0, residual
+    _SCSI_RSP.pack_into(r.bhs, 0, Op.SCSI_RSP, 0x80 | residual_flags, 0, status, len(data),
+                        itt, exp_data_sn, 0, residual)
     return r
 
 
@@ -448,10 +451,12 @@ def async_message(event: int, lun_field: int = 0, param1=0, param2=0, param3=0,
     return r
 
 
+_SEQUENCE_NUMBERS = struct.Struct(">III")     # StatSN, ExpCmdSN, MaxCmdSN at OFF_SN1
+
+
 def stamp(resp: Response, stat_sn: int, exp_cmdsn: int, max_cmdsn: int) -> None:
-    _U32.pack_into(resp.bhs, OFF_SN1, stat_sn & 0xFFFFFFFF)
-    _U32.pack_into(resp.bhs, OFF_SN2, exp_cmdsn & 0xFFFFFFFF)
-    _U32.pack_into(resp.bhs, OFF_SN3, max_cmdsn & 0xFFFFFFFF)
+    _SEQUENCE_NUMBERS.pack_into(resp.bhs, OFF_SN1, stat_sn & 0xFFFFFFFF,
+                                exp_cmdsn & 0xFFFFFFFF, max_cmdsn & 0xFFFFFFFF)
 
 
 def sn_lt(a: int, b: int) -> bool:

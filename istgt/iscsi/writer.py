@@ -25,6 +25,7 @@ log = logging.getLogger("istgt.iscsi")
 IOV_MAX = 1000
 OUT_LIMIT = 64 * 1024 * 1024            # answers queued for a peer that does not read them
 M32 = 0xFFFFFFFF
+_DATA_IN = int(Op.DATA_IN)
 
 
 class PduWriter:
@@ -204,27 +205,30 @@ class PduWriter:
         bufs = []
         session = self.session
         trace = log.isEnabledFor(logging.DEBUG)
+        if session is None:
+            for r in batch:
+                self._stamp(r, self.login_cmdsn, self.login_cmdsn)
+        else:
+            with session.lock:        # once per batch: the window moves as answers go out
+                exp, mx = session.exp_cmdsn, session.max_cmdsn
+                for r in batch:
+                    if r.ends_command:
+                        mx = (mx + 1) & M32
+                        session.max_cmdsn = mx
+                    self._stamp(r, exp, mx)
         for r in batch:
-            self._stamp(r, session, trace)
+            if trace:                              # PDU dumps only with -t iscsi
+                self.log.debug("PDU out: %s", hexdump(r.bhs))
             self._append_pdu(bufs, r)
         return bufs
 
-    def _stamp(self, r, session, trace: bool) -> None:
-        if session is not None:
-            with session.lock:
-                if r.ends_command:
-                    session.max_cmdsn = (session.max_cmdsn + 1) & M32
-                exp, mx = session.exp_cmdsn, session.max_cmdsn
-        else:
-            exp = mx = self.login_cmdsn
+    def _stamp(self, r, exp: int, mx: int) -> None:
         sn = self.stat_sn
         if r.takes_statsn:
             self.stat_sn = (sn + 1) & M32
-        elif r.bhs[0] == Op.DATA_IN:
+        elif r.bhs[0] == _DATA_IN:
             sn = 0      # StatSN is reserved in a Data-In without status
         wire.stamp(r, sn, exp, mx)
-        if trace:                              # PDU dumps only with -t iscsi
-            self.log.debug("PDU out: %s", hexdump(r.bhs))
 
     def _append_pdu(self, bufs: list, r) -> None:
         bufs.append(r.bhs)
