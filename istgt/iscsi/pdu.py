@@ -315,6 +315,20 @@ class Response:
         self.ends_command = ends_command
         self.after_send = None
 
+    @classmethod
+    def packed(cls, header: struct.Struct, fields: tuple, data, takes_statsn: bool,
+               ends_command: bool) -> Response:
+        """A response whose whole header is laid out by one `header.pack_into` (hot paths:
+        Data-In and SCSI Response), without the field-by-field set-up of __init__."""
+        r = cls.__new__(cls)
+        r.bhs = bhs = bytearray(BHS_LEN)
+        header.pack_into(bhs, 0, *fields)
+        r.data = data
+        r.takes_statsn = r.status_sn = takes_statsn
+        r.ends_command = ends_command
+        r.after_send = None
+        return r
+
     def set_u32(self, offset: int, value: int) -> None:
         _U32.pack_into(self.bhs, offset, value & 0xFFFFFFFF)
 
@@ -335,6 +349,7 @@ class Response:
 
 
 _SCSI_RSP = struct.Struct(">BBBBI 8xI 16x III")
+_OP_SCSI_RSP, _OP_DATA_IN = int(Op.SCSI_RSP), int(Op.DATA_IN)
 
 
 def scsi_response(itt: int, status: int, sense: bytes = b"", residual_flags: int = 0,
@@ -342,13 +357,11 @@ def scsi_response(itt: int, status: int, sense: bytes = b"", residual_flags: int
     data = b""
     if sense:
         data = len(sense).to_bytes(2, "big") + sense
-    r = Response(Op.SCSI_RSP, 0x80 | residual_flags, data, ends_command=True)
-    # one pack for the whole header (a hot path): opcode, flags, response 0 (completed at
-    # target), status, data segment length, ITT, [sequence numbers stamped later],
-    # ExpDataSN, bidirectional residual 0, residual
-    _SCSI_RSP.pack_into(r.bhs, 0, Op.SCSI_RSP, 0x80 | residual_flags, 0, status, len(data),
-                        itt, exp_data_sn, 0, residual)
-    return r
+    # opcode, flags, response 0 (completed at target), status, data segment length, ITT,
+    # [sequence numbers stamped later], ExpDataSN, bidirectional residual 0, residual
+    return Response.packed(_SCSI_RSP, (_OP_SCSI_RSP, 0x80 | residual_flags, 0, status,
+                                       len(data), itt, exp_data_sn, 0, residual),
+                           data, True, True)
 
 
 _DATA_IN = struct.Struct(">BBxBI QII 12x III")
@@ -361,13 +374,12 @@ def data_in(itt: int, lun_field: int, data, data_sn: int, offset: int, final: bo
         flags |= 0x01 | residual_flags
     else:
         residual = 0
-    r = Response(Op.DATA_IN, flags, data, takes_statsn=status is not None,
-                 ends_command=status is not None)
-    # one pack for the whole header (a hot path): opcode, flags, status, data segment length,
-    # LUN, ITT, TTT, [sequence numbers stamped later], DataSN, buffer offset, residual
-    _DATA_IN.pack_into(r.bhs, 0, Op.DATA_IN, flags, status or 0, len(data), lun_field, itt,
-                       RESERVED_TAG, data_sn, offset, residual)
-    return r
+    # opcode, flags, status, data segment length, LUN, ITT, TTT, [sequence numbers stamped
+    # later], DataSN, buffer offset, residual
+    with_status = status is not None
+    return Response.packed(_DATA_IN, (_OP_DATA_IN, flags, status or 0, len(data), lun_field,
+                                      itt, RESERVED_TAG, data_sn, offset, residual),
+                           data, with_status, with_status)
 
 
 def r2t(itt: int, lun_field: int, ttt: int, r2t_sn: int, offset: int, length: int) -> Response:
