@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from istgt.auth_audit import audit_auth_file
 from istgt.config import access_allowed, load_config
 from istgt.lu.copy_targets import CopyTargets
 
@@ -211,6 +212,8 @@ def _commit(server: Any, plan: _Plan) -> ReloadReport:
     for sock, tag, _ in plan.new_listeners:
         server.start_acceptor(sock, tag)
     attempt("control channel", server.control.reconfigure, new.unit_control, g.auth_file)
+    for problem in audit_auth_file(g.auth_file):
+        log.warning("%s", problem)
 
     # sessions
     ending = [s for s in server.sessions.all()

@@ -9,6 +9,7 @@ import threading
 import time
 
 from istgt import allocator
+from istgt.auth_audit import audit_auth_file
 from istgt.iscsi.connection import Connection, corked
 from istgt.iscsi.session import SessionRegistry
 from istgt.lu.backends import BackendError, FileBackend
@@ -180,6 +181,8 @@ class Server:
         self.generation = 0                        # reloads applied
         self._threads: list[threading.Thread] = []
         self.control = ControlServer(self, config.unit_control, g.auth_file)
+        for problem in audit_auth_file(g.auth_file):
+            log.warning("%s", problem)
         try:
             state_directory = g.state_directory
             if state_directory is not None:

@@ -1,0 +1,44 @@
+"""Warnings about CHAP secrets that are easy to steal or to guess (RFC 7143 9.2.1 wants at
+least 96 bits of secret when IPsec does not protect the exchange). They never stop a
+configuration from loading: existing set-ups keep working and the log says what to fix."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from istgt.config import AuthFile, ConfigError, load_auth
+
+MIN_SECRET_BYTES = 12       # 96 bits
+
+
+def audit_auth_file(path: str) -> list[str]:
+    """What is wrong with auth.conf at `path`, one message per problem (file, AuthGroup and
+    user named, never the secret); nothing when it is missing or unreadable (login reports
+    that)."""
+    try:
+        mode = os.stat(path).st_mode
+        auth = load_auth(path)
+    except (OSError, ConfigError):
+        return []
+    problems = []
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        problems.append(f"{path}: readable or writable by every user (mode "
+                        f"{stat.S_IMODE(mode):04o}): CHAP secrets should be 0600 or 0640")
+    problems += _short_secrets(auth)
+    return problems
+
+
+def _short_secrets(auth: AuthFile) -> list[str]:
+    problems = []
+    for group, entries in sorted(auth.groups.items()):
+        for entry in entries:
+            for role, user, secret in (("secret", entry.user, entry.secret),
+                                       ("mutual secret", entry.mutual_user,
+                                        entry.mutual_secret)):
+                if secret is not None and len(secret.encode()) < MIN_SECRET_BYTES:
+                    problems.append(
+                        f"{auth.path}: [AuthGroup{group}] user {user!r}: {role} of "
+                        f"{len(secret.encode())} bytes, shorter than {MIN_SECRET_BYTES} "
+                        f"(RFC 7143 asks for 96 bits without IPsec)")
+    return problems
