@@ -361,7 +361,7 @@ class Server:
         self.control.close()
         conns = self.connections()
         for conn in conns:
-            conn.close_async("target shutting down")
+            conn.close_async("target shutting down", drain=True)
         deadline = time.monotonic() + SHUTDOWN_WAIT
         for conn in conns:
             conn.finished.wait(max(0.0, deadline - time.monotonic()))

@@ -213,10 +213,12 @@ class Connection:
             Op.TASK_MGMT_REQ: lambda pdu: tmf.handle(self, pdu), Op.TEXT_REQ: self._on_text,
             Op.LOGOUT_REQ: self._on_logout,
         }
-        # Closing gently, PDUs that already arrived are still served (commands sent before
-        # a shutdown are answered); the socket's SHUT_RD ends the stream after them.
+        # When the target shuts down, PDUs that already arrived are still served (commands
+        # sent before the shutdown are answered); SHUT_RD ends the stream after them.
         while not self.closing or time.monotonic() < self._drain_until:
             bhs, ahs = self.reader.read_header()
+            if self.closing and time.monotonic() >= self._drain_until:
+                break         # closed while this PDU arrived: it must not run
             opcode = bhs[0] & 0x3F
             length = (bhs[5] << 16) | (bhs[6] << 8) | bhs[7]
             if length > self.max_recv_segment:
@@ -459,6 +461,12 @@ class Connection:
     def _flush_submissions(self) -> None:
         if self._to_submit:
             items, self._to_submit = self._to_submit, []
+            if self.closing and time.monotonic() >= self._drain_until:
+                # closed without draining (replaced, reset, refused): what was read but
+                # not started never runs (its slot in the CmdSN window is given back)
+                for task, done in items:
+                    done(task, True)
+                return
             self.session.target.submit_many(items, run_here=True)
 
     # ------------------------------------------------------------------ completion
@@ -708,18 +716,35 @@ class Connection:
             self._deferred_done()
 
     # ================================================================== teardown
-    def close_async(self, reason: str, force: bool = False) -> None:
+    def close_async(self, reason: str, force: bool = False, drain: bool = False) -> None:
         """Ask the connection to end; safe from any thread. Normally only reading stops, so
-        commands in flight are still answered; `force` also cuts writing at once."""
+        commands in flight are still answered; `force` also cuts writing at once. `drain`
+        (the target shutting down): PDUs that already arrived are still served, for up to
+        DRAIN_S; never for a connection replaced, reset or refused (what it still holds
+        must not run after its successor's commands)."""
         if self.closing and not force:
             return
-        self._drain_until = 0.0 if force else time.monotonic() + DRAIN_S
+        self._drain_until = time.monotonic() + DRAIN_S if drain and not force else 0.0
         self.closing = True
+        if not drain:
+            self._abort_started_tasks()
         self.log.debug("closing connection from %s: %s", self.peer_ip, reason)
         try:
             self.sock.shutdown(socket.SHUT_RDWR if force else socket.SHUT_RD)
         except OSError:
             pass
+
+    def _abort_started_tasks(self) -> None:
+        """Tasks of this connection in the LU's task set end without an answer: a queued
+        one or one a receiver has not reached yet in its batch never runs; one running
+        finishes (it cannot be stopped half way). Never waits."""
+        session = self.session
+        if session is None or session.discovery or session.target is None:
+            return
+        with self.lock:
+            mine = {id(c.task) for c in self.active.values()}
+        if mine:
+            session.target.abort_now(lambda task: id(task) in mine)
 
     def _teardown(self, reason: str) -> None:
         self.closing = True

@@ -93,12 +93,14 @@ class Session:
         with self.lock:
             if self.closed:
                 raise LoginRefused(0x020A, "session is closing")
-            if conn.cid in self.connections:
-                old = self.connections[conn.cid]   # connection reinstatement (same CID)
-                old.close_async("connection reinstated")
-            elif len(self.connections) >= max_connections:
+            old = self.connections.get(conn.cid)     # connection reinstatement (same CID)
+            if old is None and len(self.connections) >= max_connections:
                 raise LoginRefused(0x0206, f"session already has {max_connections} connections")
             self.connections[conn.cid] = conn
+        if old is not None:
+            # outside the lock: closing aborts the old connection's tasks, whose ends give
+            # their CmdSN slots back under this lock
+            old.close_async("connection reinstated")
 
     def remove_connection(self, conn) -> bool:
         """Detach `conn`; True when it was the last one (the session is over)."""

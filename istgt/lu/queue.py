@@ -1,7 +1,8 @@
 """The task set of one logical unit: SAM-5 task attributes and the QueueDepth limit.
 
 HEAD OF QUEUE tasks start first; an ORDERED task starts only when every older task has
-finished, and no younger SIMPLE task starts while it waits or runs.
+finished, and no younger SIMPLE task starts while it waits or runs, nor while a HEAD OF
+QUEUE task runs (an older one, SAM-5 8.6): tasks are numbered in arrival order for that.
 
 Idle workers park on a lock of their own and are woken last-in first-out: waking the worker
 that went idle most recently costs far less than a shared condition variable (measured: a
@@ -11,6 +12,7 @@ submit/complete round trip went from 130 us to well under half of that).
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from typing import Callable
 
@@ -19,7 +21,7 @@ BATCH_HINT = 16    # tasks a worker takes at once (worker.BATCH): one wake-up pe
 
 
 class QueuedTask:
-    __slots__ = ("task", "done", "attr", "aborted", "_finished", "queued_ns")
+    __slots__ = ("task", "done", "attr", "aborted", "_finished", "queued_ns", "seq")
 
     def __init__(self, task, done: Callable, attr: int, queued_ns: int = 0):
         self.task = task
@@ -28,6 +30,7 @@ class QueuedTask:
         self.attr = ORDERED if attr == ORDERED else HEAD_OF_QUEUE if attr == HEAD_OF_QUEUE else SIMPLE
         self.aborted = False
         self._finished = None     # an Event, created only when someone waits (aborts)
+        self.seq = 0              # arrival order, given by the queue
 
     @property
     def finished(self) -> threading.Event:
@@ -47,7 +50,9 @@ class TaskQueue:
         self._lock = threading.Lock()
         self._waiting: deque[QueuedTask] = deque()   # guarded by _lock
         self._running: list[QueuedTask] = []         # guarded by _lock
-        self._ordered_running = 0                    # ORDERED tasks in _running; _lock
+        # arrival numbers of the ORDERED / HEAD OF QUEUE tasks in _running; guarded by _lock
+        self._barriers: list[int] = []
+        self._next_seq = 0                           # guarded by _lock
         self._idle: list[threading.Lock] = []        # parked workers, most recent last; _lock
         self._closed = False                         # guarded by _lock
 
@@ -64,6 +69,8 @@ class TaskQueue:
                 if self._closed or len(self._waiting) + len(self._running) >= self.limit:
                     refused.append(entry)
                     continue
+                entry.seq = self._next_seq
+                self._next_seq += 1
                 if entry.attr == HEAD_OF_QUEUE:
                     self._waiting.appendleft(entry)
                 else:
@@ -76,45 +83,39 @@ class TaskQueue:
 
     def start_now(self, entries: list[QueuedTask]) -> int:
         """Mark as running, for the calling thread to execute, the leading SIMPLE `entries`
-        that may start at once (nothing waiting ahead of them, no ORDERED task running, room
-        in the task set); returns how many. They are finished with finish() as usual."""
+        that may start at once (nothing waiting ahead of them, no ORDERED or HEAD OF QUEUE
+        task running, room in the task set); returns how many. They are finished with
+        finish() as usual."""
         with self._lock:
-            if self._closed or self._waiting or self._ordered_running:
+            if self._closed or self._waiting or self._barriers:
                 return 0
             room = self.limit - len(self._running)
             started = 0
             for entry in entries:
                 if started >= room or entry.attr != SIMPLE:
                     break
+                entry.seq = self._next_seq
+                self._next_seq += 1
                 self._running.append(entry)
                 started += 1
             return started
 
+    def _may_start(self, e: QueuedTask) -> bool:
+        """Whether the task at the head of the waiting line may start now."""
+        if e.attr == HEAD_OF_QUEUE:
+            return True
+        if e.attr == ORDERED:
+            return not self._running                  # every older task has finished
+        return not self._barriers or e.seq < min(self._barriers)
+
     def _pick(self) -> QueuedTask | None:
         waiting = self._waiting
-        if not waiting:
+        if not waiting or not self._may_start(waiting[0]):
             return None
-        if self._ordered_running == 0 and waiting[0].attr == SIMPLE:
-            e = waiting.popleft()            # the common case, without a scan
-            self._running.append(e)
-            return e
-        ordered_running = self._ordered_running > 0
-        for i, e in enumerate(waiting):
-            if e.attr == HEAD_OF_QUEUE:
-                break
-            if ordered_running:
-                return None
-            if e.attr == ORDERED:
-                if i == 0 and not self._running:
-                    break
-                return None
-            break
-        else:
-            return None
-        del self._waiting[i]
+        e = waiting.popleft()
         self._running.append(e)
-        if e.attr == ORDERED:
-            self._ordered_running += 1
+        if e.attr != SIMPLE:
+            self._barriers.append(e.seq)
         return e
 
     def take(self, parker: threading.Lock, limit: int = 1) -> list[QueuedTask] | None:
@@ -129,7 +130,7 @@ class TaskQueue:
                     batch = [e]
                     waiting = self._waiting
                     while (len(batch) < limit and e.attr == SIMPLE and waiting
-                           and waiting[0].attr == SIMPLE and self._ordered_running == 0):
+                           and waiting[0].attr == SIMPLE and self._may_start(waiting[0])):
                         e = waiting.popleft()
                         self._running.append(e)
                         batch.append(e)
@@ -144,8 +145,8 @@ class TaskQueue:
     def finish(self, entry: QueuedTask) -> None:
         with self._lock:
             self._running.remove(entry)
-            if entry.attr == ORDERED:
-                self._ordered_running -= 1
+            if entry.attr != SIMPLE:
+                self._barriers.remove(entry.seq)
             if self._waiting and self._idle:
                 self._idle.pop().release()
             finished = entry._finished
@@ -166,6 +167,18 @@ class TaskQueue:
                 e.aborted = True
                 e.watch()
         return hit, running
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait (bounded) until no task runs, wherever it runs; True if none does."""
+        with self._lock:
+            running = list(self._running)
+            for entry in running:
+                entry.watch()
+        deadline = time.monotonic() + timeout
+        for entry in running:
+            if not entry.finished.wait(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
 
     def close(self) -> None:
         with self._lock:

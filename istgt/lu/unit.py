@@ -70,7 +70,9 @@ class LogicalUnit:
         now = time.perf_counter_ns()
         entries = [QueuedTask(t, d, t.attr, now) for t, d in items]
         here = []
-        if run_here and now >= self._inline_paused_until:
+        # QueueDepth 0 is excluded: there a quick command could wait on a receiver for the
+        # exclusive lock behind a long command on a worker, and its connection read nothing
+        if run_here and self.queue_depth and now >= self._inline_paused_until:
             quick = 0
             for entry in entries:
                 task = entry.task
@@ -142,17 +144,20 @@ class LogicalUnit:
             e.finished.wait(60)
         return removed + running
 
-    def _abort_preempted(self, lun: int, patterns) -> None:
-        """PREEMPT AND ABORT: drop the preempted nexuses' tasks on `lun` without waiting
-        (it runs on the worker executing the PR OUT; running tasks just lose their answer)."""
-        from istgt.scsi.pr import nexus_matches
-
-        def match(e):
-            t = e.task
-            return t.lun == lun and any(nexus_matches(p, t.nexus) for p in patterns)
-        removed, _running = self._queue.abort(match)
+    def abort_now(self, match) -> None:
+        """Abort matching tasks without waiting: running ones just lose their answer, and
+        one started but not yet executed (a receiver's batch) never runs."""
+        removed, _running = self._queue.abort(lambda e: match(e.task))
         for e in removed:
             e.done(e.task, True)
+
+    def _abort_preempted(self, lun: int, patterns) -> None:
+        """PREEMPT AND ABORT: drop the preempted nexuses' tasks on `lun` without waiting
+        (it runs on the worker executing the PR OUT)."""
+        from istgt.scsi.pr import nexus_matches
+
+        self.abort_now(lambda t: t.lun == lun and any(nexus_matches(p, t.nexus)
+                                                       for p in patterns))
 
     def abort_task(self, nexus, tag: int) -> bool:
         return bool(self.abort(lambda t: t.nexus == nexus and t.tag == tag))
@@ -212,6 +217,10 @@ class LogicalUnit:
     def shutdown(self) -> None:
         self._queue.close()
         self._pool.join(30)
+        # commands a connection's receiver runs are not the pool's: wait for them too, or
+        # one could write after the final flush, or to a closed descriptor
+        if not self._queue.wait_idle(30):
+            log.error("LU%d: commands still running after 30 s; closing anyway", self.number)
         for device in self.devices.values():
             try:
                 device.flush()

@@ -34,9 +34,10 @@ class ExtentLocks:
         # waiting, in arrival order (tokens grow)
         self._shared: dict[int, tuple[int, int]] = {}
         self._exclusive: dict[int, tuple[int, int]] = {}
-        # thread ident -> the range that thread holds on the fast path, or None; each
-        # thread writes only its own entry, exclusive requests read them under _changed
-        self._fast: dict[int, tuple[int, int] | None] = {}
+        # thread ident -> the range that thread holds on the fast path (no entry: none);
+        # each thread writes only its own entry, exclusive requests read them under
+        # _changed. Entries go on release: connection threads come and go.
+        self._fast: dict[int, tuple[int, int]] = {}
 
     @staticmethod
     def _earlier_overlap(ranges: dict[int, tuple[int, int]], token: int, start: int,
@@ -45,8 +46,7 @@ class ExtentLocks:
                    for other, (first, last) in ranges.items())
 
     def _fast_overlap(self, start: int, end: int) -> bool:
-        return any(held is not None and held[0] < end and start < held[1]
-                   for held in list(self._fast.values()))
+        return any(held[0] < end and start < held[1] for held in list(self._fast.values()))
 
     def _wake_exclusive(self) -> None:
         if self._exclusive:
@@ -61,7 +61,7 @@ class ExtentLocks:
             self._fast[ident] = (start, end)
             if not self._exclusive:
                 return FAST_PATH
-            self._fast[ident] = None     # an exclusive request exists: queue up behind it
+            del self._fast[ident]        # an exclusive request exists: queue up behind it
             self._wake_exclusive()
         with self._changed:
             token = self._next_token
@@ -73,7 +73,7 @@ class ExtentLocks:
 
     def release_shared(self, token: int) -> None:
         if token == FAST_PATH:
-            self._fast[threading.get_ident()] = None
+            del self._fast[threading.get_ident()]
             self._wake_exclusive()
             return
         with self._changed:
@@ -111,5 +111,4 @@ class ExtentLocks:
     def idle(self) -> bool:
         """No range is held or awaited (for tests)."""
         with self._changed:
-            return (not self._shared and not self._exclusive
-                    and all(held is None for held in self._fast.values()))
+            return not self._shared and not self._exclusive and not self._fast

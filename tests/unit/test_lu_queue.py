@@ -264,3 +264,62 @@ def test_a_reset_waits_for_a_command_running_on_a_connection_thread():
     assert done == [(1, True)]                      # and its answer suppressed
     runner.join(5)
     lu.shutdown()
+
+
+def test_a_running_head_of_queue_task_holds_back_younger_simple_ones_only():
+    q = TaskQueue(10)
+    older = entry("older")
+    q.put(older)
+    q.put(entry("hoq", HEAD_OF_QUEUE))
+    hoq = q.take(parker())[0]
+    assert hoq.task == "hoq"
+    assert q.take(parker())[0] is older            # older than the HEAD OF QUEUE task: runs
+    younger = entry("younger")
+    q.put(younger)
+    assert q.start_now([entry("new")]) == 0       # nothing younger starts beside it ...
+    got = []
+    t = threading.Thread(target=lambda: got.extend(q.take(parker())))
+    t.start()
+    time.sleep(0.1)
+    assert not got                                 # ... from the queue either
+    q.finish(hoq)
+    t.join(2)
+    assert got == [younger]
+
+
+def test_queue_depth_zero_never_runs_commands_on_the_submitting_thread():
+    dev = QuickDevice()
+    lu = LogicalUnit(Config(0), {0: dev}, max_sessions=1)
+    done = []
+    lu.submit_many([(quick_task(1), lambda t, a: done.append(t.n))], run_here=True)
+    assert wait_for(lambda: done == [1])
+    assert dev.threads[1] is not threading.current_thread()
+    lu.shutdown()
+
+
+class ClosingDevice(QuickDevice):
+    def __init__(self):
+        super().__init__(delay=0.5)
+        self.closed = False
+        self.ran_after_close = []
+
+    def execute(self, task):
+        super().execute(task)
+        if self.closed:
+            self.ran_after_close.append(task.n)
+
+    def close(self):
+        self.closed = True
+
+
+def test_shutdown_waits_for_commands_running_on_a_receiver():
+    dev = ClosingDevice()
+    lu = LogicalUnit(Config(8), {0: dev}, max_sessions=1)
+    receiver = threading.Thread(target=lu.submit_many,
+                                args=([(quick_task(1), lambda t, a: None)],),
+                                kwargs={"run_here": True})
+    receiver.start()
+    assert wait_for(lambda: 1 in dev.threads)      # the receiver is inside the command
+    lu.shutdown()
+    receiver.join(5)
+    assert dev.closed and not dev.ran_after_close
