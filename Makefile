@@ -19,6 +19,7 @@ test: test-tools test-venv
 	$(BIN)/python -m pytest tests
 	$(BIN)/python bench/run_bench.py --smoke
 	$(BIN)/python bench/digest_bench.py --smoke
+	$(BIN)/python bench/login_storm.py --smoke
 
 # pip runs again only when the packaging files change (stamp files).
 venv: $(VENV)/.installed
