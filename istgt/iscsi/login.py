@@ -168,7 +168,11 @@ class LoginProcess:
                 raise LoginRefused(0x0203, f"target {tname} not found")
             if not access_allowed(cfg, target.config, self.conn.portal_group_tag,
                                   self.initiator_name, self.conn.peer_ip):
-                raise LoginRefused(0x0202, f"access to {tname} denied")
+                # answered as if it did not exist: SendTargets hides it too, and a login
+                # must not tell a stranger which target names are there (issue 7)
+                log.warning("login to %s from %s (%s) refused by its ACL (answered 'not "
+                            "found')", tname, self.initiator_name, self.conn.peer_ip)
+                raise LoginRefused(0x0203, f"target {tname} not found")
             self.target = target
             self.target_name = target.name
             self.auth_spec = target.config.auth

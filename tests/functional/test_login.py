@@ -14,7 +14,7 @@ from tests.functional.initiator import (
 AUTH_FAILURE, NOT_FOUND, UNSUPPORTED_VERSION = 0x0201, 0x0203, 0x0205
 MISSING_PARAMETER, SESSION_DOES_NOT_EXIST, OUT_OF_RESOURCES = 0x0207, 0x020A, 0x0302
 # RFC 7143's precise codes where C istgt uses 0x0203 and 0x0208 for everything
-ACL_DENIED = 0x0202             # authorization failure: not allowed access to this target
+ACL_DENIED = 0x0203             # "not found": a target the initiator may not see is hidden
 TOO_MANY_CONNECTIONS = 0x0206
 
 
@@ -136,6 +136,16 @@ def test_unknown_target(target):
     initiator = target.connect()
     rsp = initiator.login("iqn.2007-09.jp.ne.peach.istgt:nosuchdisk", expect_status=NOT_FOUND)
     assert_login_rejected_and_closed(initiator, rsp, NOT_FOUND)
+
+
+def test_a_denied_target_answers_exactly_like_a_missing_one(target):
+    denied = target.connect()
+    hidden = denied.login(RESTRICTED, expect_status=ACL_DENIED)
+    absent = target.connect().login("iqn.2007-09.jp.ne.peach.istgt:nosuchdisk",
+                                    expect_status=NOT_FOUND)
+    assert ACL_DENIED == NOT_FOUND
+    assert (hidden.bhs[1:4], hidden.bhs[36:38], hidden.data) == \
+        (absent.bhs[1:4], absent.bhs[36:38], absent.data)
 
 
 def test_acl_by_initiator_name(target):
