@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 import stat
 
-from istgt.config import AuthFile, ConfigError, load_auth
+import ipaddress
+
+from istgt.config import AuthFile, ConfigError, UnitControlConfig, load_auth
 
 MIN_SECRET_BYTES = 12       # 96 bits
 
@@ -41,4 +43,23 @@ def _short_secrets(auth: AuthFile) -> list[str]:
                         f"{auth.path}: [AuthGroup{group}] user {user!r}: {role} of "
                         f"{len(secret.encode())} bytes, shorter than {MIN_SECRET_BYTES} "
                         f"(RFC 7143 asks for 96 bits without IPsec)")
+    return problems
+
+
+def audit_control_portals(unit_control: UnitControlConfig) -> list[str]:
+    """A TCP control portal reachable from other machines without CHAP: anyone the Netmask
+    lets in may unload media or reset LUs (kept working, as istgt, but said out loud)."""
+    if unit_control.auth.method == "chap":
+        return []
+    problems = []
+    for portal in unit_control.portals:
+        try:
+            loopback = ipaddress.ip_address(portal.host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            problems.append(f"[UnitControl] Portal {portal.label} {portal.display}: reachable "
+                            f"from the network without CHAP (AuthMethod "
+                            f"{unit_control.auth.method}); use AuthMethod CHAP with an "
+                            f"AuthGroup, or a loopback address")
     return problems

@@ -40,3 +40,16 @@ def test_a_world_readable_file_is_reported(tmp_path):
 def test_missing_or_broken_files_are_left_to_login(tmp_path):
     assert audit_auth_file(str(tmp_path / "none.conf")) == []
     assert audit_auth_file(write_auth(tmp_path, "[AuthGroup1]\n  Auth\n")) == []
+
+
+def test_a_tcp_control_portal_off_loopback_without_chap_is_reported():
+    from istgt.auth_audit import audit_control_portals
+    from istgt.config import AuthSpec, Portal, UnitControlConfig
+    local = Portal("UC1", "127.0.0.1", 3261)
+    wide = Portal("UC2", "0.0.0.0", 3261)
+    assert audit_control_portals(UnitControlConfig(portals=(local,))) == []
+    problems = audit_control_portals(UnitControlConfig(portals=(local, wide),
+                                                       auth=AuthSpec("none")))
+    assert len(problems) == 1 and problems[0].startswith("[UnitControl] Portal UC2 ")
+    assert audit_control_portals(UnitControlConfig(portals=(wide,),
+                                                   auth=AuthSpec("chap", False, 1))) == []
