@@ -26,6 +26,11 @@ net_log = logging.getLogger("istgt.net")
 LISTEN_BACKLOG = 128
 SHUTDOWN_WAIT = 10.0
 SPARE_CONNECTIONS = 64    # connections beyond MaxSessions x MaxConnections (logins, discovery)
+# Connections still logging in, at once: per peer address and per portal. Beyond them a new
+# connection is closed at accept, so idle half-open connections from one host (or a flood
+# on one portal) cannot use up the rest; each is also closed after Timeout without a PDU.
+MAX_LOGINS_PER_ADDRESS = 256     # a login storm of 256 sessions from one host still fits
+MAX_LOGINS_PER_PORTAL = 1024
 KEEPALIVE_TICK = 0.25     # NOP-In timing granularity (seconds)
 GROWTH_CHECK_S = 2.0      # how often Auto-sized LUNs look at their backing store's size
 
@@ -175,6 +180,10 @@ class Server:
         self.portal_addresses: list[tuple[str, int]] = []
         self._lock = threading.Lock()
         self._connections: set[Connection] = set()     # guarded by _lock
+        # connections not yet in full feature phase, by peer address and by local portal
+        self._logging_in: dict[Connection, tuple[str, tuple]] = {}   # guarded by _lock
+        self._logins_by_address: dict[str, int] = {}                 # guarded by _lock
+        self._logins_by_portal: dict[tuple, int] = {}                # guarded by _lock
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._reload_lock = threading.Lock()       # one reload at a time
@@ -285,12 +294,22 @@ class Server:
             if self._stopping.is_set():
                 sock.close()
                 return False
+            address, portal = conn.peer_ip, (conn.local_ip, conn.local_port)
             full = len(self._connections) >= self.max_connections
-            if not full:
+            crowded = (self._logins_by_address.get(address, 0) >= MAX_LOGINS_PER_ADDRESS
+                       or self._logins_by_portal.get(portal, 0) >= MAX_LOGINS_PER_PORTAL)
+            if not full and not crowded:
                 self._connections.add(conn)
-        if full:
-            net_log.warning("connection from %s refused: %d connections already",
-                            peer, self.max_connections)
+                self._logging_in[conn] = (address, portal)
+                self._logins_by_address[address] = self._logins_by_address.get(address, 0) + 1
+                self._logins_by_portal[portal] = self._logins_by_portal.get(portal, 0) + 1
+        if full or crowded:
+            if full:
+                net_log.warning("connection from %s refused: %d connections already",
+                                peer, self.max_connections)
+            else:
+                net_log.warning("connection from %s refused: too many connections still "
+                                "logging in from it or on this portal", peer)
             sock.close()
             return True
         try:
@@ -336,6 +355,25 @@ class Server:
     def connection_closed(self, conn: Connection) -> None:
         with self._lock:
             self._connections.discard(conn)
+            self._login_over(conn)
+
+    def login_finished(self, conn: Connection) -> None:
+        """`conn` reached full feature phase: it no longer counts as logging in."""
+        with self._lock:
+            self._login_over(conn)
+
+    def _login_over(self, conn: Connection) -> None:
+        # call with _lock held
+        entry = self._logging_in.pop(conn, None)
+        if entry is None:
+            return
+        address, portal = entry
+        for counts, key in ((self._logins_by_address, address), (self._logins_by_portal, portal)):
+            left = counts[key] - 1
+            if left:
+                counts[key] = left
+            else:
+                del counts[key]
 
     # ---- cross-connection actions (task management)
     def abort_writes_everywhere(self, unit: LogicalUnit, match) -> None:

@@ -191,6 +191,7 @@ class Connection:
         self.max_send_segment = v.max_recv_data_segment_length_initiator
         self.max_recv_segment = v.max_recv_data_segment_length_target
         self.in_ffp = True
+        self.server.login_finished(self)
         s = self.session
         self.log = self.reader.log = self.writer.log = _ConnectionLog(
             log, {"who": f"{self.peer_ip} {s.initiator_name} TSIH={s.tsih} CID={self.cid}"})
