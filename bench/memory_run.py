@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Resident memory of the Python target over a long run: the six qemu-img bench workloads
-over and over for a set time, one session at a time, then 16 sessions at once, with VmRSS
-read after every workload. Flat means the last rounds end no higher than the first ones.
+"""Soak: the Python target over a long run of the six qemu-img bench workloads, over and over
+for a set time, one session at a time, then 16 sessions at once (every run is a new
+session, so connections churn all along), with VmRSS read after every workload and threads
+and open fds after every round; errors are counted. Flat means the last rounds end no
+higher than the first ones, and threads and fds come back to their idle level.
 
     bench/memory_run.py --minutes 10
     bench/memory_run.py --smoke          # one short round
@@ -19,6 +21,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import run_bench  # noqa: E402
+from login_storm import proc_figures  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     try:
         target.start()
-        print(f"# start: {target.resident_kib()} KiB", flush=True)
+        rss, threads, fds = proc_figures(target.process.pid)
+        print(f"# start: RSS {rss} KiB, threads {threads}, fds {fds}", flush=True)
         deadline = time.monotonic() + args.minutes * 60
         rounds = []
         while True:
@@ -52,14 +56,19 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"# {name}: FAILED: {error}", flush=True)
                 sizes.append(target.resident_kib())
             rounds.append(sizes)
+            _, threads, fds = proc_figures(target.process.pid)
             print(f"round {len(rounds):3} ({'16 sessions' if (len(rounds) - 1) % 2 else '1 session '}) "
-                  f"RSS KiB after each workload: {' '.join(map(str, sizes))}", flush=True)
+                  f"RSS KiB after each workload: {' '.join(map(str, sizes))}; then "
+                  f"threads {threads}, fds {fds}", flush=True)
             if time.monotonic() >= deadline:
                 break
         first = max(max(r) for r in rounds[:2])
         last = max(max(r) for r in rounds[-2:])
+        time.sleep(6)             # the last connections end; a malloc_trim runs
+        rss, threads, fds = proc_figures(target.process.pid)
         print(f"# rounds {len(rounds)}, peak of the first two {first} KiB, of the last two "
-              f"{last} KiB, failures {failures}", flush=True)
+              f"{last} KiB, failures {failures}; 6 s later: RSS {rss} KiB, threads {threads}, "
+              f"fds {fds}", flush=True)
         return 1 if failures else 0
     finally:
         target.stop()
