@@ -255,8 +255,12 @@ class Server:
         self._stopped.wait()
 
     def start_acceptor(self, sock: socket.socket, tag: int) -> None:
+        try:
+            port = sock.getsockname()[1]
+        except OSError:
+            return          # closed already: a shutdown overtook the start
         t = threading.Thread(target=self._accept_loop, args=(sock, tag), daemon=True,
-                             name=f"acceptor-{sock.getsockname()[1]}")
+                             name=f"acceptor-{port}")
         t.start()
         self._threads.append(t)
 
