@@ -275,3 +275,20 @@ def test_peers_that_never_authenticate_cannot_crowd_out_the_socket(make_target, 
     for hog in hogs:                                   # and the silent peers were dropped
         assert hog.recv(100) == b""
         hog.close()
+
+
+def test_the_socket_file_is_0600_from_the_moment_it_exists(make_target, monkeypatch):
+    modes = []
+    real_bind = socket.socket.bind
+
+    def bind(sock, address):
+        real_bind(sock, address)
+        if sock.family == socket.AF_UNIX:         # the file bind just created, before chmod
+            modes.append(os.stat(address).st_mode & 0o777)
+    monkeypatch.setattr(socket.socket, "bind", bind)
+    old_mask = os.umask(0o022)                    # a usual umask would give 0755
+    try:
+        make_target()
+    finally:
+        os.umask(old_mask)
+    assert modes and all(mode == 0o600 for mode in modes), modes

@@ -361,3 +361,14 @@ def test_failed_authentication_does_not_reinstate(target):
     intruder.login(CHAPDISK, auth=(CHAP_USER, "wrong-secret"), expect_status=AUTH_FAILURE)
     # The live session must survive a login that never authenticated.
     assert old.nop_out(b"alive").data == b"alive"
+
+
+def test_a_failed_login_is_logged_with_initiator_name_and_address(target, caplog):
+    import logging
+    caplog.set_level(logging.WARNING, logger="istgt")
+    initiator = target.connect(initiator_name="iqn.2024-01.org.example:intruder")
+    initiator.login(CHAPDISK, auth=(CHAP_USER, "a-wrong-secret!!"), expect_status=AUTH_FAILURE)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("iqn.2024-01.org.example:intruder" in line and "127.0.0.1" in line
+               for line in lines), lines
+    assert not any("a-wrong-secret!!" in line for line in lines)    # never the secret
