@@ -216,9 +216,9 @@ class Connection:
         }
         # When the target shuts down, PDUs that already arrived are still served (commands
         # sent before the shutdown are answered); SHUT_RD ends the stream after them.
-        while not self.closing or time.monotonic() < self._drain_until:
+        while not self._reading_over():
             bhs, ahs = self.reader.read_header()
-            if self.closing and time.monotonic() >= self._drain_until:
+            if self._reading_over():
                 break         # closed while this PDU arrived: it must not run
             opcode = bhs[0] & 0x3F
             length = (bhs[5] << 16) | (bhs[6] << 8) | bhs[7]
@@ -459,10 +459,14 @@ class Connection:
         self._to_submit.append(
             (cmd.task, lambda task, aborted: self._task_done(cmd, task, aborted)))
 
+    def _reading_over(self) -> bool:
+        """Closed, and not (or no longer) draining what already arrived."""
+        return self.closing and time.monotonic() >= self._drain_until
+
     def _flush_submissions(self) -> None:
         if self._to_submit:
             items, self._to_submit = self._to_submit, []
-            if self.closing and time.monotonic() >= self._drain_until:
+            if self._reading_over():
                 # closed without draining (replaced, reset, refused): what was read but
                 # not started never runs (its slot in the CmdSN window is given back)
                 for task, done in items:
