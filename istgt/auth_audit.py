@@ -4,14 +4,19 @@ configuration from loading: existing set-ups keep working and the log says what 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import stat
 
-import ipaddress
-
-from istgt.config import AuthFile, ConfigError, UnitControlConfig, load_auth
+from istgt.config import AuthFile, Config, ConfigError, UnitControlConfig, load_auth
 
 MIN_SECRET_BYTES = 12       # 96 bits
+
+
+def audit_config(config: Config) -> list[str]:
+    """Every warning for a configuration about to be served (start-up and reload)."""
+    return (audit_auth_file(config.global_.auth_file)
+            + audit_control_portals(config.unit_control))
 
 
 def audit_auth_file(path: str) -> list[str]:
@@ -38,10 +43,11 @@ def _short_secrets(auth: AuthFile) -> list[str]:
             for role, user, secret in (("secret", entry.user, entry.secret),
                                        ("mutual secret", entry.mutual_user,
                                         entry.mutual_secret)):
-                if secret is not None and len(secret.encode()) < MIN_SECRET_BYTES:
+                size = len(secret.encode()) if secret is not None else None
+                if size is not None and size < MIN_SECRET_BYTES:
                     problems.append(
                         f"{auth.path}: [AuthGroup{group}] user {user!r}: {role} of "
-                        f"{len(secret.encode())} bytes, shorter than {MIN_SECRET_BYTES} "
+                        f"{size} bytes, shorter than {MIN_SECRET_BYTES} "
                         f"(RFC 7143 asks for 96 bits without IPsec)")
     return problems
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from istgt.auth_audit import audit_auth_file, audit_control_portals
+from istgt.auth_audit import audit_config
 from istgt.config import access_allowed, load_config
 from istgt.lu.copy_targets import CopyTargets
 
@@ -212,7 +212,7 @@ def _commit(server: Any, plan: _Plan) -> ReloadReport:
     for sock, tag, _ in plan.new_listeners:
         server.start_acceptor(sock, tag)
     attempt("control channel", server.control.reconfigure, new.unit_control, g.auth_file)
-    for problem in audit_auth_file(g.auth_file) + audit_control_portals(new.unit_control):
+    for problem in audit_config(new):
         log.warning("%s", problem)
 
     # sessions

@@ -9,7 +9,7 @@ import threading
 import time
 
 from istgt import allocator
-from istgt.auth_audit import audit_auth_file, audit_control_portals
+from istgt.auth_audit import audit_config
 from istgt.iscsi.connection import Connection, corked
 from istgt.iscsi.session import SessionRegistry
 from istgt.lu.backends import BackendError, FileBackend
@@ -190,7 +190,7 @@ class Server:
         self.generation = 0                        # reloads applied
         self._threads: list[threading.Thread] = []
         self.control = ControlServer(self, config.unit_control, g.auth_file)
-        for problem in audit_auth_file(g.auth_file) + audit_control_portals(config.unit_control):
+        for problem in audit_config(config):
             log.warning("%s", problem)
         try:
             state_directory = g.state_directory
