@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 
 from istgt import allocator
 from istgt.auth_audit import audit_config
@@ -182,8 +183,8 @@ class Server:
         self._connections: set[Connection] = set()     # guarded by _lock
         # connections not yet in full feature phase, by peer address and by local portal
         self._logging_in: dict[Connection, tuple[str, tuple]] = {}   # guarded by _lock
-        self._logins_by_address: dict[str, int] = {}                 # guarded by _lock
-        self._logins_by_portal: dict[tuple, int] = {}                # guarded by _lock
+        self._logins_by_address: Counter[str] = Counter()            # guarded by _lock
+        self._logins_by_portal: Counter[tuple] = Counter()           # guarded by _lock
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._reload_lock = threading.Lock()       # one reload at a time
@@ -300,13 +301,13 @@ class Server:
                 return False
             address, portal = conn.peer_ip, (conn.local_ip, conn.local_port)
             full = len(self._connections) >= self.max_connections
-            crowded = (self._logins_by_address.get(address, 0) >= MAX_LOGINS_PER_ADDRESS
-                       or self._logins_by_portal.get(portal, 0) >= MAX_LOGINS_PER_PORTAL)
+            crowded = (self._logins_by_address[address] >= MAX_LOGINS_PER_ADDRESS
+                       or self._logins_by_portal[portal] >= MAX_LOGINS_PER_PORTAL)
             if not full and not crowded:
                 self._connections.add(conn)
                 self._logging_in[conn] = (address, portal)
-                self._logins_by_address[address] = self._logins_by_address.get(address, 0) + 1
-                self._logins_by_portal[portal] = self._logins_by_portal.get(portal, 0) + 1
+                self._logins_by_address[address] += 1
+                self._logins_by_portal[portal] += 1
         if full or crowded:
             if full:
                 net_log.warning("connection from %s refused: %d connections already",
@@ -373,11 +374,9 @@ class Server:
             return
         address, portal = entry
         for counts, key in ((self._logins_by_address, address), (self._logins_by_portal, portal)):
-            left = counts[key] - 1
-            if left:
-                counts[key] = left
-            else:
-                del counts[key]
+            counts[key] -= 1
+            if not counts[key]:
+                del counts[key]          # no entry left behind per address ever seen
 
     # ---- cross-connection actions (task management)
     def abort_writes_everywhere(self, unit: LogicalUnit, match) -> None:

@@ -76,8 +76,8 @@ class IoStats:
         """(lun, nexus) -> counters, summed over the threads that ran commands."""
         total: dict[tuple[int, object], Counters] = {}
         with self._shared_lock:
-            shared = [(key, list(counts)) for key, counts in self._shared.items()]
-        for table in [*self._tables.values(), dict(shared)]:
+            shared = {key: list(counts) for key, counts in self._shared.items()}
+        for table in [*self._tables.values(), shared]:
             for (nexus, lun), counts in list(table.items()):
                 key = (lun, nexus)
                 total[key] = total.get(key, Counters()) + Counters(*counts)
