@@ -10,9 +10,7 @@ every 20 batches. Exits 1 on any failure, or if the target died.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -20,7 +18,6 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(BENCH_DIR.parent))
 
 import run_bench  # noqa: E402
-from login_storm import proc_figures  # noqa: E402
 from tests.functional import netfuzz  # noqa: E402
 
 TARGET = f"{run_bench.NODE_BASE}:{run_bench.TARGET_NAME}"
@@ -35,36 +32,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.inputs = 500
-    root = Path(tempfile.mkdtemp(prefix="istgt-fuzz-"))
-    target = run_bench.prepare("python", root, 64 << 20,
-                               [sys.executable, str(run_bench.REPO_ROOT / "istgt.py")])
-    try:
-        target.start()
-        pid = target.process.pid
-        print(f"# start: RSS {proc_figures(pid)[0]} KiB, threads {proc_figures(pid)[1]}, "
-              f"fds {proc_figures(pid)[2]}", flush=True)
+    with run_bench.lone_python_target("istgt-fuzz-", 64 << 20) as target:
+        rss, threads, fds = target.figures()
+        print(f"# start: RSS {rss} KiB, threads {threads}, fds {fds}", flush=True)
 
         def progress(report: netfuzz.FuzzReport) -> None:
             if report.batches % 20 == 0:
-                rss, threads, fds = proc_figures(pid)
+                rss, threads, fds = target.figures()
                 print(f"{report.inputs:7} inputs: RSS {rss} KiB, threads {threads}, fds {fds}",
                       flush=True)
 
         report = netfuzz.run("127.0.0.1", target.port, TARGET, args.inputs, args.seed,
                              time_limit_s=args.minutes * 60, on_batch=progress)
         died = target.process.poll() is not None
-        rss, threads, fds = proc_figures(pid) if not died else (0, 0, 0)
-        print(f"# {report.inputs} inputs in {report.seconds:.0f} s "
-              f"({report.inputs / max(report.seconds, 1e-9):.0f}/s), {report.batches} liveness "
-              f"checks, failures {len(report.failures)}, target "
-              f"{'DIED' if died else 'alive'}; end: RSS {rss} KiB, threads {threads}, fds {fds}")
-        for failure in report.failures[:10]:
-            print(f"# {failure}")
-        return 1 if report.failures or died else 0
-    finally:
-        target.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
+        rss, threads, fds = target.figures() if not died else (0, 0, 0)
+    print(f"# {report.inputs} inputs in {report.seconds:.0f} s "
+          f"({report.inputs / max(report.seconds, 1e-9):.0f}/s), {report.batches} liveness "
+          f"checks, failures {len(report.failures)}, target "
+          f"{'DIED' if died else 'alive'}; end: RSS {rss} KiB, threads {threads}, fds {fds}")
+    for failure in report.failures[:10]:
+        print(f"# {failure}")
+    return 1 if report.failures or died else 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import shutil
 import struct
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,26 +24,9 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(BENCH_DIR.parent))
 
 import run_bench  # noqa: E402
+from istgt.allocator import TRIM_INTERVAL_S  # noqa: E402
 
 TARGET = f"{run_bench.NODE_BASE}:{run_bench.TARGET_NAME}"
-
-
-def allocator_trim_interval() -> float:
-    from istgt.allocator import TRIM_INTERVAL_S
-    return TRIM_INTERVAL_S
-
-
-def proc_figures(pid: int) -> tuple[int, int, int]:
-    """(VmRSS KiB, threads, open fds) of a process."""
-    rss = threads = 0
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1])
-            elif line.startswith("Threads:"):
-                threads = int(line.split()[1])
-    fds = len(list(Path(f"/proc/{pid}/fd").iterdir()))
-    return rss, threads, fds
 
 
 def client(port: int, count: int, index: int, start_at: float, hold: multiprocessing.Event,
@@ -96,18 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.sessions, args.clients = 16, 2
-    root = Path(tempfile.mkdtemp(prefix="istgt-storm-"))
-    target = run_bench.prepare("python", root, 64 << 20,
-                               [sys.executable, str(run_bench.REPO_ROOT / "istgt.py")])
-    conf = target.directory / "istgt.conf"
-    conf.write_text(conf.read_text().replace("MaxSessions 128",
-                                             f"MaxSessions {max(128, args.sessions * 2)}"))
-    failures = 0
-    try:
-        target.start()
-        pid = target.process.pid
+    sessions = f"MaxSessions {max(128, args.sessions * 2)}"
+    with run_bench.lone_python_target("istgt-storm-", 64 << 20,
+                                      lambda text: text.replace("MaxSessions 128", sessions)
+                                      ) as target:
         time.sleep(1)
-        idle = proc_figures(pid)
+        idle = target.figures()
         ctx = multiprocessing.get_context("fork")
         results, hold = ctx.Queue(), ctx.Event()
         start_at = time.time() + 1.0
@@ -118,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         for proc in procs:
             proc.start()
         ins = [results.get(timeout=300) for _ in procs]
-        peak = proc_figures(pid)
+        peak = target.figures()
         hold.set()
         outs = [results.get(timeout=300) for _ in procs]
         for proc in procs:
@@ -128,20 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         logged = sum(r[4] for r in ins)
         errors = [e for r in ins for e in r[5]]
         failures = len(errors) + sum(r[2] for r in outs) + (args.sessions - logged)
-        time.sleep(2 + allocator_trim_interval())     # teardown, then a malloc_trim
-        after = proc_figures(pid)
-        print(f"# {args.sessions} sessions from {args.clients} initiator processes")
-        print(f"logged in {logged}/{args.sessions} in {last - first:.2f} s: "
-              f"{logged / max(last - first, 1e-9):.0f} logins/s (each then one READ)")
-        print(f"errors {failures}" + (f": first {errors[0]}" if errors else ""))
-        for name, (rss, threads, fds) in (("idle", idle), ("all logged in", peak),
-                                          ("after logout", after)):
-            print(f"{name:14} RSS {rss} KiB, threads {threads}, fds {fds}")
-        return 1 if failures else 0
-    finally:
-        target.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
+        time.sleep(2 + TRIM_INTERVAL_S)     # teardown, then a malloc_trim
+        after = target.figures()
+    print(f"# {args.sessions} sessions from {args.clients} initiator processes")
+    print(f"logged in {logged}/{args.sessions} in {last - first:.2f} s: "
+          f"{logged / max(last - first, 1e-9):.0f} logins/s (each then one READ)")
+    print(f"errors {failures}" + (f": first {errors[0]}" if errors else ""))
+    for name, (rss, threads, fds) in (("idle", idle), ("all logged in", peak),
+                                      ("after logout", after)):
+        print(f"{name:14} RSS {rss} KiB, threads {threads}, fds {fds}")
+    return 1 if failures else 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,9 +11,7 @@ higher than the first ones, and threads and fds come back to their idle level.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +19,6 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import run_bench  # noqa: E402
-from login_storm import proc_figures  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,13 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.minutes, args.scale = 0.0, 0.01
-    root = Path(tempfile.mkdtemp(prefix="istgt-memory-"))
-    target = run_bench.prepare("python", root, 1 << 30,
-                               [sys.executable, str(run_bench.REPO_ROOT / "istgt.py")])
     failures = 0
-    try:
-        target.start()
-        rss, threads, fds = proc_figures(target.process.pid)
+    with run_bench.lone_python_target("istgt-memory-", 1 << 30) as target:
+        rss, threads, fds = target.figures()
         print(f"# start: RSS {rss} KiB, threads {threads}, fds {fds}", flush=True)
         deadline = time.monotonic() + args.minutes * 60
         rounds = []
@@ -56,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"# {name}: FAILED: {error}", flush=True)
                 sizes.append(target.resident_kib())
             rounds.append(sizes)
-            _, threads, fds = proc_figures(target.process.pid)
+            _, threads, fds = target.figures()
             print(f"round {len(rounds):3} ({'16 sessions' if (len(rounds) - 1) % 2 else '1 session '}) "
                   f"RSS KiB after each workload: {' '.join(map(str, sizes))}; then "
                   f"threads {threads}, fds {fds}", flush=True)
@@ -65,15 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         first = max(max(r) for r in rounds[:2])
         last = max(max(r) for r in rounds[-2:])
         time.sleep(6)             # the last connections end; a malloc_trim runs
-        rss, threads, fds = proc_figures(target.process.pid)
+        rss, threads, fds = target.figures()
         print(f"# rounds {len(rounds)}, peak of the first two {first} KiB, of the last two "
               f"{last} KiB, failures {failures}; 6 s later: RSS {rss} KiB, threads {threads}, "
               f"fds {fds}", flush=True)
-        return 1 if failures else 0
-    finally:
-        target.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
+    return 1 if failures else 0
 
 if __name__ == "__main__":
     sys.exit(main())

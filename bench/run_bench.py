@@ -34,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,15 +118,23 @@ class Target:
                 f"target={NODE_BASE}:{TARGET_NAME},lun={self.lun},header-digest=crc32c")
 
     def resident_kib(self) -> int | None:
-        """VmRSS of the target process, in KiB."""
+        """VmRSS of the target process, in KiB (None if it is not running)."""
         try:
-            with open(f"/proc/{self.process.pid}/status") as status:
-                for line in status:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1])
+            return self.figures()[0]
         except (OSError, AttributeError):
             return None
-        return None
+
+    def figures(self) -> tuple[int, int, int]:
+        """(VmRSS KiB, threads, open fds) of the target process, from /proc."""
+        pid = self.process.pid
+        rss = threads = 0
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("Threads:"):
+                    threads = int(line.split()[1])
+        return rss, threads, len(os.listdir(f"/proc/{pid}/fd"))
 
     @property
     def log_path(self) -> Path:
@@ -183,6 +193,24 @@ def prepare(name: str, root: Path, size_bytes: int, command_prefix: list[str],
     (directory / "istgt.conf").write_text(config)
     return Target(name, [*command_prefix, "-D", "-c", str(directory / "istgt.conf")],
                   directory, port)
+
+
+@contextmanager
+def lone_python_target(prefix: str, size_bytes: int,
+                       edit_config: Callable[[str], str] | None = None) -> Iterator[Target]:
+    """The Python target alone in a fresh temporary directory, started (after `edit_config`
+    rewrote its istgt.conf, if given); stopped and its directory removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    target = prepare("python", root, size_bytes, [sys.executable, str(REPO_ROOT / "istgt.py")])
+    try:
+        if edit_config is not None:
+            conf = target.directory / "istgt.conf"
+            conf.write_text(edit_config(conf.read_text()))
+        target.start()
+        yield target
+    finally:
+        target.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def write_backing_file(path: Path, size_bytes: int) -> None:
