@@ -1,5 +1,6 @@
-"""QueueDepth 0: a quick READ run on the receiver waits for the LU's exclusive lock while a
-slow command runs on the worker; meanwhile the receiver reads nothing (NOP-Out unanswered)."""
+"""QueueDepth 0: while a slow command holds the LU's exclusive lock on a worker, another
+connection's READ must not be run (and wait) on that connection's receiver, which would then
+read nothing and leave its NOP-Out unanswered (a regression seen in review)."""
 import threading
 import time
 

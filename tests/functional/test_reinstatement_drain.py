@@ -1,7 +1,6 @@
-"""Connection reinstatement closes the old connection gently: its receiver, busy with an inline
-READ when the close comes, then drains for up to DRAIN_S and runs a stale WRITE that was
-still in its socket - after the initiator's newer WRITE on the new connection was
-acknowledged. The acknowledged data is overwritten."""
+"""Connection reinstatement: the old connection's receiver, busy with a READ when the close
+comes, must not go on to run a stale WRITE still in its socket after the initiator's newer
+WRITE on the new connection was acknowledged (it once drained and overwrote that data)."""
 import os
 import time
 
