@@ -475,6 +475,12 @@ class DiskDevice:
         if lba + blocks > self.block_count:
             raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE)
 
+    def check_transfer(self, cdb: bytes, blocks: int) -> None:
+        """A transfer over the Block Limits' MAXIMUM TRANSFER LENGTH is refused (SBC-4
+        6.6.4) before anything is read or allocated for it."""
+        if blocks * self.block_length > MAX_TRANSFER_BYTES:
+            raise invalid_field_in_cdb(transfer_length_byte(cdb))
+
     def check_writable(self) -> None:
         if self.read_only:
             raise CheckCondition(SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
@@ -576,12 +582,23 @@ def lba_and_length(cdb: bytes) -> tuple[int, int]:
     raise invalid_field_in_cdb(0)
 
 
+def transfer_length_byte(cdb: bytes) -> int:
+    """Where lba_and_length found the transfer length (the sense field pointer)."""
+    opcode = cdb[0]
+    if opcode < 0x20:
+        return 4
+    if opcode < 0x60:
+        return 7
+    return 6 if opcode >= 0xA0 else 10
+
+
 # --- SBC handlers -------------------------------------------------------------------------
 
 
 def read(device: DiskDevice, task: ScsiTask) -> None:
     lba, blocks = lba_and_length(task.cdb)
     device.check_range(lba, blocks)
+    device.check_transfer(task.cdb, blocks)
     if blocks == 0:
         return
     fua = task.cdb[0] != Opcode.READ_6 and bool(task.cdb[1] & FUA)
@@ -606,6 +623,7 @@ def write(device: DiskDevice, task: ScsiTask) -> None:
     lba, blocks = lba_and_length(task.cdb)
     task.data_out_length = blocks * device.block_length
     device.check_range(lba, blocks)
+    device.check_transfer(task.cdb, blocks)
     device.check_writable()
     data = arrived_blocks(device, task, blocks)
     if not data:
@@ -628,6 +646,7 @@ def verify(device: DiskDevice, task: ScsiTask) -> None:
     if byte_check:
         task.data_out_length = device.block_length * (blocks if byte_check == 1 else 1)
     device.check_range(lba, blocks)
+    device.check_transfer(task.cdb, blocks)
     if blocks == 0:
         return
     stored = device.read_blocks(lba, blocks, from_medium=True)
@@ -647,6 +666,7 @@ def write_and_verify(device: DiskDevice, task: ScsiTask) -> None:
         raise invalid_field_in_cdb(1, 2)
     task.data_out_length = blocks * device.block_length
     device.check_range(lba, blocks)
+    device.check_transfer(task.cdb, blocks)
     device.check_writable()
     data = arrived_blocks(device, task, blocks)
     if not data:
@@ -663,6 +683,7 @@ def orwrite(device: DiskDevice, task: ScsiTask) -> None:
     lba, blocks = u64(cdb, 2), u32(cdb, 10)
     task.data_out_length = blocks * device.block_length
     device.check_range(lba, blocks)
+    device.check_transfer(cdb, blocks)
     device.check_writable()
     if blocks == 0:
         return

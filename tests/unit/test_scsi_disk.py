@@ -635,3 +635,44 @@ def test_aptpl_save_overtaken_by_aptpl_off_leaves_no_state_file(tmp_path):
     saver.join(5)
     assert not saver.is_alive()
     assert state.load() is None
+
+
+class _RecordingHugeBackend(MemoryBackend):
+    """Claims 4 TiB and stores 4 KiB: any read it is asked for shows what the target allocated."""
+
+    def __init__(self):
+        super().__init__(4096)
+        self.size = 4 << 40
+        self.requested: list[int] = []
+
+    def read(self, offset, length):
+        self.requested.append(length)
+        return bytes(min(length, 4096))
+
+    read_stable = read
+
+
+@pytest.mark.parametrize("cdb, field", [
+    pytest.param(cdb16(0x88, 0, 0xFFFFFFFF), 10, id="READ(16)"),
+    pytest.param(cdb12(0xA8, 0, 0xFFFFFFFF), 6, id="READ(12)"),
+    pytest.param(cdb16(0x8F, 0, 0xFFFFFFFF), 10, id="VERIFY(16)"),
+    pytest.param(cdb16(0x8A, 0, 0xFFFFFFFF), 10, id="WRITE(16)"),
+    pytest.param(cdb16(0x8E, 0, 0xFFFFFFFF), 10, id="WRITE AND VERIFY(16)"),
+    pytest.param(cdb16(0x8B, 0, 0xFFFFFFFF), 10, id="ORWRITE(16)"),
+])
+def test_transfer_over_the_maximum_is_refused_before_any_read(cdb, field):
+    """A 4 GiB-block transfer inside the LUN: 5/24/00 pointing at TRANSFER LENGTH, nothing
+    read or allocated (Block Limits advertise 32 MiB)."""
+    backend = _RecordingHugeBackend()
+    device = make_device(backend=backend)
+    task = run(device, cdb, bytes(512), edtl=512)
+    expect_check(task, SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB)
+    assert task.sense[15] & 0xC0 == 0xC0 and struct.unpack(">H", task.sense[16:18])[0] == field
+    assert backend.requested == []
+
+
+def test_transfer_at_the_maximum_is_served():
+    device = make_device(blocks=65536 + 8)
+    task = run(device, cdb16(0x88, 0, 65536))       # 32 MiB of 512-byte blocks
+    assert task.status == ScsiStatus.GOOD and len(task.data_in) == 32 << 20
+    expect_check(run(device, cdb16(0x88, 0, 65537)), SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB)
