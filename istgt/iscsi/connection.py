@@ -320,7 +320,7 @@ class Connection:
             if immediate:
                 cmd.buffer[:len(immediate)] = immediate
         cmd.received = len(immediate)
-        cmd.unsolicited_end = len(immediate)
+        cmd.unsolicited_end = cmd.unsolicited_next = len(immediate)
         if not v.initial_r2t and not pdu.final:
             cmd.unsolicited_end = min(v.first_burst_length, edtl)
         cmd.next_offset = cmd.unsolicited_end
@@ -396,18 +396,21 @@ class Connection:
             self.send([wire.reject(RejectReason.INVALID_PDU_FIELD, pdu.bhs)])
             return
         expected_sn = r2t.data_sn if r2t is not None else cmd.unsolicited_sn
-        if pdu.data_sn != expected_sn:
-            # ERL 0 cannot recover a lost or reordered Data-Out: the command fails, the
+        expected_offset = r2t.next_offset if r2t is not None else cmd.unsolicited_next
+        if pdu.data_sn != expected_sn or offset != expected_offset:
+            # ERL 0 cannot recover a lost or reordered Data-Out, and DataPDUInOrder=Yes
+            # forbids gaps and overlays (RFC 7143 13.18): the command fails, the
             # connection goes on (RFC 7143 7.1.4, sense "data phase error")
             self.reader.discard(length)
-            self.log.warning("Data-Out DataSN %d for ITT 0x%08x, expected %d", pdu.data_sn,
-                             itt, expected_sn)
+            self.log.warning("Data-Out DataSN %d offset %d for ITT 0x%08x, expected %d at %d",
+                             pdu.data_sn, offset, itt, expected_sn, expected_offset)
             self._fail_gathering(cmd, DATA_PHASE_ERROR)
             return
         if r2t is not None:
             r2t.data_sn += 1
         else:
             cmd.unsolicited_sn += 1
+            cmd.unsolicited_next += length
         _, ok = self.reader.read_data(length, memoryview(cmd.buffer)[offset:offset + length])
         if not ok:
             # ERL 0: the data cannot be resent, so the command fails (RFC 7143 7.8)
@@ -421,14 +424,23 @@ class Connection:
             cmd.received += length
             if r2t is not None:
                 r2t.received += length
+                short = pdu.final and r2t.received < r2t.length
                 if pdu.final or r2t.received >= r2t.length:
                     self.r2ts.pop(pdu.ttt, None)
                     cmd.outstanding_r2t -= 1
-            complete = cmd.received >= cmd.task.transfer_length
+            else:
+                short = pdu.final and cmd.unsolicited_next < cmd.unsolicited_end
+            complete = not short and cmd.received >= cmd.task.transfer_length
             if complete:
                 del self.writes[itt]
                 self._drop_r2ts(cmd)
-        if complete:
+        if short:
+            # a burst ended (F bit) before the length the R2T or FirstBurstLength asked for:
+            # nothing will send the rest at ERL 0, so the command fails now rather than wait
+            self.log.warning("Data-Out burst for ITT 0x%08x ended early at offset %d",
+                             itt, offset + length)
+            self._fail_gathering(cmd, DATA_PHASE_ERROR)
+        elif complete:
             self._submit_write(cmd)
         elif r2t is not None and cmd.outstanding_r2t < self.values.max_outstanding_r2t:
             self._issue_r2ts(cmd)

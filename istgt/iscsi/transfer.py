@@ -16,7 +16,7 @@ class Command:
 
     __slots__ = ("itt", "lun_field", "task", "buffer", "received", "next_offset",
                  "outstanding_r2t", "r2t_sn", "read", "holds_slot", "unsolicited_end",
-                 "unsolicited_sn")
+                 "unsolicited_sn", "unsolicited_next")
 
     def __init__(self, itt, lun_field, task, read, holds_slot):
         self.itt = itt
@@ -31,6 +31,7 @@ class Command:
         self.r2t_sn = 0
         self.unsolicited_end = 0
         self.unsolicited_sn = 0
+        self.unsolicited_next = 0     # offset the next unsolicited Data-Out must carry
 
 
 class R2tState:
@@ -42,6 +43,10 @@ class R2tState:
         self.length = length
         self.received = 0
         self.data_sn = 0         # the DataSN the next Data-Out of this burst must carry
+
+    @property
+    def next_offset(self) -> int:
+        return self.offset + self.received
 
 
 def scsi_responses(cmd: Command, task, max_segment: int, max_burst: int) -> list:
