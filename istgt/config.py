@@ -71,6 +71,7 @@ MAX_NETMASKS = 256
 MAX_MAPPINGS = 256
 MAX_QUEUE_DEPTH = 255
 MAX_R2T = 256
+MAX_SECONDS = 2**31 - 1     # a C int in istgt; far larger would overflow the thread timeouts
 MAX_TARGET_NAME = 223  # bytes, RFC 7143 section 6.1
 MIN_REMOVABLE_SIZE = 1 << 20
 UINT64_MAX = (1 << 64) - 1
@@ -695,8 +696,8 @@ def _global(conf: ConfFile) -> GlobalConfig:
         media_directory=reader.string("MediaDirectory", DEFAULT_MEDIA_DIRECTORY),
         state_directory=reader.string("StateDirectory", "") or None,
         log_facility=facility,
-        timeout=reader.integer("Timeout", 60, 0),
-        nop_in_interval=reader.integer("NopInInterval", 20, 0),
+        timeout=reader.integer("Timeout", 60, 0, MAX_SECONDS),
+        nop_in_interval=reader.integer("NopInInterval", 20, 0, MAX_SECONDS),
         max_r2t=reader.integer("MaxR2T", 16, 0, MAX_R2T),
         discovery_auth=reader.auth_spec("DiscoveryAuthMethod", "DiscoveryAuthGroup", "auto"),
         max_sessions=reader.integer("MaxSessions", 32, 1, 65535, below_means_default=1),
@@ -1332,7 +1333,7 @@ def load_control_config(path: str | Path) -> ControlClientConfig:
         lun=reader.integer("Lun", 0, 0, MAX_LUN),
         flags=reader.string("Flags", "ro"),
         size=reader.string("Size", "auto"),
-        timeout=reader.integer("Timeout", 60, 0),
+        timeout=reader.integer("Timeout", 60, 0, MAX_SECONDS),
         auth=AuthSpec(method=method, mutual=mutual),
         auth_entry=_auth_entry(reader, auth_item) if auth_item else None,
         tcp=reader.item("ControlSocket") is None

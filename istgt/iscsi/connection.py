@@ -19,7 +19,8 @@ from istgt.iscsi.login import CLOSE, ENTER_FFP, LoginProcess
 from istgt.iscsi.pdu import Op, ProtocolError, RejectReason
 from istgt.iscsi.reader import CENSUS, ConnectionClosed, PduReader
 from istgt.iscsi.writer import OUT_LIMIT, PduWriter
-from istgt.iscsi.transfer import Command, R2tState, extended_cdb, scsi_responses
+from istgt.iscsi.transfer import (Command, MalformedAhs, R2tState, extended_cdb,
+                                  scsi_responses)
 from istgt.scsi.command import ScsiTask
 from istgt.scsi.sense import encode_sense
 
@@ -283,7 +284,12 @@ class Connection:
             return
         self.discarding.discard(itt)        # the ITT is reused: its old Data-Out is over
         if pdu.ahs:
-            cdb = extended_cdb(cdb, pdu.ahs)
+            try:
+                cdb = extended_cdb(cdb, pdu.ahs)
+            except MalformedAhs as exc:
+                self.log.warning("SCSI command ITT 0x%08x: %s", itt, exc)
+                self._reject_command(pdu, RejectReason.INVALID_PDU_FIELD, holds_slot)
+                return
         task = ScsiTask(wire.decode_lun(lun_field), cdb, s.nexus, flags & 0x07, itt, None, edtl)
         reading = bool(flags & 0x40)
         cmd = Command(itt, lun_field, task, reading, holds_slot)

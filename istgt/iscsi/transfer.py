@@ -100,12 +100,19 @@ def scsi_responses(cmd: Command, task, max_segment: int, max_burst: int) -> list
     return out
 
 
+class MalformedAhs(ValueError):
+    """An AHS whose length runs past TotalAHSLength (the PDU is rejected, RFC 7143 11.2.1.5)."""
+
+
 def extended_cdb(cdb: bytes, ahs: bytes) -> bytes:
     """Append an Extended CDB AHS (type 1) to the 16 bytes in the BHS."""
     pos = 0
     while pos + 4 <= len(ahs):
         length = int.from_bytes(ahs[pos:pos + 2], "big")
         kind = ahs[pos + 2]
+        if length == 0 or pos + 3 + length > len(ahs):
+            raise MalformedAhs(f"AHS type {kind} of {length} bytes at {pos} runs past "
+                               f"TotalAHSLength {len(ahs)}")
         if kind == 1:
             return cdb + bytes(ahs[pos + 4:pos + 3 + length])
         pos += (3 + length + 3) & ~3      # header (3 bytes) + AHS-specific, padded to 4

@@ -7,10 +7,10 @@ import threading
 
 import pytest
 
-from tests.functional.conftest import CHECK_CONDITION, DISK, GOOD, asc_ascq, sense_key
+from tests.functional.conftest import C_TARGET, CHECK_CONDITION, DISK, GOOD, asc_ascq, sense_key
 from tests.functional.initiator import (
     DATA_OUT, LOGIN_RSP, LOGOUT_REQ, NOP_OUT, R2T, REJECT, RESERVED_TAG, SCSI_CMD, SCSI_RSP,
-    SNACK_REQ, ConnectionClosed, build_bhs, crc32c, encode_lun,
+    SNACK_REQ, TEXT_REQ, TMF_REQ, ConnectionClosed, build_bhs, crc32c, encode_lun,
 )
 
 # Reject reasons (RFC 7143 11.17.1)
@@ -60,7 +60,7 @@ def assert_refused_before_login(initiator, pdu):
         initiator.wait_closed()
 
 
-@pytest.mark.parametrize("opcode", [NOP_OUT, SCSI_CMD, DATA_OUT, SNACK_REQ])
+@pytest.mark.parametrize("opcode", [NOP_OUT, SCSI_CMD, DATA_OUT, SNACK_REQ, TEXT_REQ, TMF_REQ])
 def test_other_pdus_before_login(target, opcode):
     initiator = target.connect()
     initiator.send_pdu(build_bhs(opcode, immediate=True, flags=0x80, itt=1))
@@ -223,6 +223,9 @@ def test_huge_edtl_write_with_small_cdb(target):
             continue
         break
     del initiator.tasks[itt]
+    if not C_TARGET:            # ours refuses an EDTL over its write buffer cap at once
+        assert asked == 0 and pdu.opcode == SCSI_RSP and pdu.status == CHECK_CONDITION
+        assert sense_key(pdu.data[2:]) == 0x5 and asc_ascq(pdu.data[2:]) == (0x24, 0x00)
     if pdu.opcode == REJECT:
         assert pdu.reason in (PROTOCOL_ERROR, INVALID_PDU_FIELD)
     else:
@@ -258,8 +261,12 @@ def test_bidirectional_command_refused(target):
     try:
         pdu = initiator.recv_pdu(timeout=5)
     except ConnectionClosed:
+        assert C_TARGET, "the Python target answers and keeps the connection"
         assert_target_still_serves(target)
         return
+    if not C_TARGET:            # ours: CHECK CONDITION, INVALID FIELD IN CDB
+        assert pdu.opcode == SCSI_RSP and pdu.status == CHECK_CONDITION
+        assert sense_key(pdu.data[2:]) == 0x5 and asc_ascq(pdu.data[2:]) == (0x24, 0x00)
     # Either a Reject or a CHECK CONDITION: never a crash.
     assert pdu.opcode in (REJECT, SCSI_RSP), repr(pdu)
     if pdu.opcode == SCSI_RSP:
@@ -283,6 +290,7 @@ def test_wrong_data_digest_rejected_or_dropped(make_target):
     try:
         pdu = initiator.recv_pdu(timeout=5)
     except ConnectionClosed:
+        assert C_TARGET, "the Python target rejects the PDU and keeps the connection"
         assert_target_still_serves(target)
         return
     assert pdu.opcode == REJECT and pdu.reason == DATA_DIGEST_ERROR, repr(pdu)

@@ -177,6 +177,8 @@ def test_key_without_value_counts_as_unset(load):
     [
         ("MaxR2T 257", "MaxR2T", "out of range 0..256"),
         ("Timeout abc", "Timeout", "expected an integer"),
+        ("Timeout 99999999999999999999", "Timeout", "out of range 0..2147483647"),
+        ("NopInInterval 2147483648", "NopInInterval", "out of range 0..2147483647"),
         ("InitialR2T Maybe", "InitialR2T", "expected Yes or No"),
         ("ImmediateData maybe", "ImmediateData", "expected Yes or No"),
         ("ErrorRecoveryLevel 1", "ErrorRecoveryLevel", "out of range 0..0"),

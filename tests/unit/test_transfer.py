@@ -2,8 +2,10 @@
 
 import struct
 
+import pytest
+
 from istgt.iscsi import pdu as wire
-from istgt.iscsi.transfer import Command, extended_cdb, scsi_responses
+from istgt.iscsi.transfer import Command, MalformedAhs, extended_cdb, scsi_responses
 from istgt.scsi.command import ITNexus, ScsiTask
 
 NEXUS = ITNexus("iqn.i,i,0x1", "iqn.t,t,0x1", 1)
@@ -74,3 +76,14 @@ def test_extended_cdb_after_another_ahs():
     extra = b"X" * 8
     ext = struct.pack(">HBB", len(extra) + 1, 1, 0) + extra + b"\0" * 3
     assert extended_cdb(b"C" * 16, bidi + ext) == b"C" * 16 + extra
+
+
+@pytest.mark.parametrize("ahs", [
+    struct.pack(">HBB", 0xFFFF, 1, 0) + b"\0" * 4,          # extended CDB far past the end
+    struct.pack(">HBB", 9, 1, 0) + b"\0" * 4,                # 12 bytes announced, 8 there
+    struct.pack(">HBB", 0, 1, 0),                            # no bytes at all
+    struct.pack(">HBB", 5, 2, 0) + struct.pack(">I", 4096) + struct.pack(">HBB", 0x100, 1, 0),
+])
+def test_ahs_past_total_ahs_length_is_malformed(ahs):
+    with pytest.raises(MalformedAhs):
+        extended_cdb(b"C" * 16, ahs)
