@@ -7,6 +7,8 @@ DISK := var/disk1.img
 CONFIG := etc/istgt.conf
 # Debian packages that give the test suite real initiators and the C istgt to compare with.
 TEST_PACKAGES := libiscsi-bin qemu-utils qemu-block-extra istgt tgt strace
+# qemu-storage-daemon (serves disk image LUs); its recommends would pull in 120 packages.
+IMAGE_PACKAGES := qemu-system-common
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 APT_GET := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 
@@ -45,11 +47,12 @@ $(DISK):
 # Installs the Debian test tools only when one of them is missing.
 test-tools:
 	@if ! command -v iscsi-test-cu >/dev/null || ! command -v qemu-img >/dev/null \
-		|| ! command -v strace >/dev/null \
+		|| ! command -v strace >/dev/null || ! command -v qemu-storage-daemon >/dev/null \
 		|| ! test -x /usr/sbin/istgt || ! test -x /usr/sbin/tgtd \
 		|| ! dpkg-query -W -f='$${Status}' qemu-block-extra 2>/dev/null | grep -q 'ok installed'; \
 	then \
-		echo "installing $(TEST_PACKAGES)"; \
-		$(APT_GET) update && $(APT_GET) install -y $(TEST_PACKAGES); \
+		echo "installing $(TEST_PACKAGES) $(IMAGE_PACKAGES)"; \
+		$(APT_GET) update && $(APT_GET) install -y $(TEST_PACKAGES) \
+		&& $(APT_GET) install -y --no-install-recommends $(IMAGE_PACKAGES); \
 	fi
 

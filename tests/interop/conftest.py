@@ -111,6 +111,8 @@ class LuSpec:
     extra: tuple[str, ...] = ()
     # further portal groups mapping the same LU (multipath: one more target port each)
     also_through: tuple[int, ...] = ()
+    # a disk image file name (e.g. "disk.qcow2") the target creates, instead of a sparse .img
+    image: str | None = None
 
     @property
     def iqn(self) -> str:
@@ -137,7 +139,7 @@ class TargetLayout:
         return self.directory / "target.log"
 
     def disk_path(self, unit: LuSpec) -> Path:
-        return self.directory / f"{unit.name}.img"
+        return self.directory / (unit.image or f"{unit.name}.img")
 
 
 AUTH_CONF = f"""\
@@ -197,8 +199,9 @@ def write_config(layout: TargetLayout) -> None:
     ]
     for number, unit in enumerate(layout.units, start=1):
         disk = layout.disk_path(unit)
-        with open(disk, "wb") as backing:
-            backing.truncate(unit.size_bytes)
+        if unit.image is None:
+            with open(disk, "wb") as backing:
+                backing.truncate(unit.size_bytes)
         lines += [
             f"[LogicalUnit{number}]",
             f"  TargetName {unit.name}",

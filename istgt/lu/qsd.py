@@ -1,0 +1,294 @@
+"""One supervised qemu-storage-daemon per target process, exporting disk images over NBD.
+
+The daemon is started with the first image LU and stopped after the last one closes. Images
+are added and removed over its QMP socket (blockdev-add, block-export-add), so a reload adds
+or drops exports without touching the others. If the daemon dies, it is started again with
+every export it had, and the NBD clients reconnect and send their unanswered requests again.
+
+A write the daemon acknowledged without FUA or FLUSH sits in its caches (qcow2 metadata) and
+may be lost if it is killed, exactly as with a power loss: the LU reports a write-back cache
+(WCE=1), and SYNCHRONIZE CACHE and FUA map to NBD FLUSH and FUA.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+log = logging.getLogger("istgt.qsd")
+
+BINARY = "qemu-storage-daemon"
+START_TIMEOUT_S = 10.0
+QMP_TIMEOUT_S = 30.0
+RESTART_WAIT_S = 30.0
+
+
+class StorageDaemonError(OSError):
+    """The daemon cannot be started, or refused to add an image (the message says why)."""
+
+
+class _Qmp:
+    """A QMP connection: one command at a time, events skipped."""
+
+    def __init__(self, path: str) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(QMP_TIMEOUT_S)
+        self._sock.connect(path)
+        self._file = self._sock.makefile("rb")
+        self._lock = threading.Lock()
+        self._read()                                   # the greeting
+        self.execute("qmp_capabilities")
+
+    def _read(self) -> dict:
+        line = self._file.readline()
+        if not line:
+            raise ConnectionError("qemu-storage-daemon closed its QMP socket")
+        return json.loads(line)
+
+    def execute(self, command: str, **arguments) -> dict:
+        message = {"execute": command}
+        if arguments:
+            message["arguments"] = arguments
+        with self._lock:
+            self._sock.sendall(json.dumps(message).encode() + b"\n")
+            while True:
+                answer = self._read()
+                if "return" in answer:
+                    return answer["return"]
+                if "error" in answer:
+                    raise StorageDaemonError(0, answer["error"].get("desc", str(answer)))
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+
+class _Export:
+    __slots__ = ("name", "path", "fmt", "read_only", "users")
+
+    def __init__(self, name: str, path: str, fmt: str, read_only: bool) -> None:
+        self.name, self.path, self.fmt, self.read_only = name, path, fmt, read_only
+        self.users = 0
+
+
+class StorageDaemon:
+    """The running daemon and its exports, one per image path (shared by every LU that opens
+    the same image, as a reload does while the old LU still serves)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._exports: dict[str, _Export] = {}
+        self._numbers = iter(range(1, 1 << 62))
+        self._process: subprocess.Popen | None = None
+        self._qmp: _Qmp | None = None
+        self._directory: str | None = None
+        self._ready = threading.Event()
+        self._stopping = False
+        self.restarts = 0
+
+    @property
+    def nbd_path(self) -> str:
+        return os.path.join(self._directory, "nbd.sock")
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    # --- exports -----------------------------------------------------------------------------
+
+    def acquire(self, path: str, fmt: str, read_only: bool) -> str:
+        """The NBD export name of the image at `path`, added if it is not exported yet."""
+        key = os.path.realpath(path)
+        with self._lock:
+            export = self._exports.get(key)
+            if export is None:
+                if self._process is None:
+                    self._start()
+                export = _Export(f"lun{next(self._numbers)}", key, fmt, read_only)
+                self._add(export)
+                self._exports[key] = export
+            elif export.read_only and not read_only:
+                raise StorageDaemonError(0, f"{path}: already exported read-only")
+            export.users += 1
+            return export.name
+
+    def release(self, path: str) -> None:
+        key = os.path.realpath(path)
+        with self._lock:
+            export = self._exports.get(key)
+            if export is None:
+                return
+            export.users -= 1
+            if export.users > 0:
+                return
+            del self._exports[key]
+            try:
+                self._remove(export)
+            except (OSError, ValueError) as exc:
+                log.warning("%s: removing its export: %s", export.path, exc)
+            if not self._exports:
+                self._stop()
+
+    def _add(self, export: _Export) -> None:
+        qmp = self._qmp
+        file_node, format_node = f"{export.name}-file", f"{export.name}-fmt"
+        try:
+            qmp.execute("blockdev-add", driver="file", **{"node-name": file_node},
+                        filename=export.path, aio="threads", cache={"direct": False},
+                        discard="unmap", **{"read-only": export.read_only})
+        except StorageDaemonError as exc:
+            raise StorageDaemonError(0, _explain(export.path, str(exc))) from None
+        try:
+            qmp.execute("blockdev-add", driver=export.fmt, **{"node-name": format_node},
+                        file=file_node, discard="unmap", **{"read-only": export.read_only})
+            qmp.execute("block-export-add", type="nbd", id=export.name,
+                        **{"node-name": format_node}, name=export.name,
+                        writable=not export.read_only)
+        except StorageDaemonError as exc:
+            for node in (format_node, file_node):
+                try:
+                    qmp.execute("blockdev-del", **{"node-name": node})
+                except StorageDaemonError:
+                    pass
+            raise StorageDaemonError(0, _explain(export.path, str(exc))) from None
+
+    def _remove(self, export: _Export) -> None:
+        qmp = self._qmp
+        if qmp is None:
+            return
+        qmp.execute("block-export-del", id=export.name, mode="hard")
+        # The export goes away asynchronously; its nodes can be deleted once it has.
+        for node in (f"{export.name}-fmt", f"{export.name}-file"):
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    qmp.execute("blockdev-del", **{"node-name": node})
+                    break
+                except StorageDaemonError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+
+    # --- the process -------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if shutil.which(BINARY) is None:
+            raise StorageDaemonError(0, f"disk image LUs need {BINARY}, which is not installed "
+                                        "(Debian: apt-get install qemu-system-common)")
+        self._directory = tempfile.mkdtemp(prefix="istgt-qsd-")
+        self._stopping = False
+        self._spawn()
+        self._ready.set()
+        threading.Thread(target=self._supervise, args=(self._process,), name="qsd-supervisor",
+                         daemon=True).start()
+
+    def _spawn(self) -> None:
+        directory = self._directory
+        qmp_path = os.path.join(directory, "qmp.sock")
+        for stale in (qmp_path, self.nbd_path):
+            if os.path.exists(stale):
+                os.unlink(stale)
+        command = [
+            BINARY,
+            "--chardev", f"socket,id=qmp0,path={qmp_path},server=on,wait=off",
+            "--monitor", "chardev=qmp0",
+            "--nbd-server", f"addr.type=unix,addr.path={self.nbd_path}",
+            "--pidfile", os.path.join(directory, "qsd.pid"),
+        ]
+        with open(self._stderr_path, "ab") as stderr:     # a file: a pipe could fill up
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=stderr,
+                                       start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                self._qmp = _Qmp(qmp_path)
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    process.kill()
+                    process.wait()
+                    error = self._last_error()
+                    raise StorageDaemonError(0, f"{BINARY} did not start: {error or 'timeout'}")
+                time.sleep(0.01)
+        self._process = process
+        log.info("%s started (pid %d)", BINARY, process.pid)
+
+    @property
+    def _stderr_path(self) -> str:
+        return os.path.join(self._directory, "stderr.log")
+
+    def _last_error(self) -> str:
+        try:
+            with open(self._stderr_path, "rb") as f:
+                lines = f.read().decode(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1] if lines else ""
+
+    def _supervise(self, process: subprocess.Popen) -> None:
+        """Start the daemon again when it dies while exports remain."""
+        while True:
+            status = process.wait()
+            with self._lock:
+                if self._stopping or self._process is not process:
+                    return
+                self._ready.clear()
+                error = self._last_error()
+                log.error("%s (pid %d) exited with status %d%s; starting it again", BINARY,
+                          process.pid, status, f": {error}" if error else "")
+                self.restarts += 1
+                try:
+                    self._qmp.close()
+                    self._spawn()
+                    for export in self._exports.values():
+                        self._add(export)
+                except OSError as exc:
+                    log.error("%s could not be started again: %s", BINARY, exc)
+                    time.sleep(1)
+                    continue
+                process = self._process
+                self._ready.set()
+
+    def wait_ready(self) -> None:
+        """For NBD clients whose connection broke: return once the exports are back."""
+        if not self._ready.wait(RESTART_WAIT_S):
+            raise StorageDaemonError(0, f"{BINARY} is not back after {RESTART_WAIT_S:.0f} s")
+
+    def _stop(self) -> None:
+        self._stopping = True
+        self._ready.clear()
+        process, self._process = self._process, None
+        if process is None:
+            return
+        try:
+            self._qmp.execute("quit")
+        except (OSError, ValueError):
+            process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        self._qmp.close()
+        self._qmp = None
+        shutil.rmtree(self._directory, ignore_errors=True)
+        log.info("%s stopped", BINARY)
+
+
+def _explain(path: str, message: str) -> str:
+    if "lock" in message.lower():
+        return (f"{path}: the image is locked by another process (in use by another "
+                f"qemu or target?): {message}")
+    return f"{path}: {message}"
+
+
+# One per process: every image LU of this target shares it.
+daemon = StorageDaemon()
