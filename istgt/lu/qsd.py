@@ -112,7 +112,12 @@ class StorageDaemon:
                 if self._process is None:
                     self._start()
                 export = _Export(f"lun{next(self._numbers)}", key, fmt, read_only)
-                self._add(export)
+                try:
+                    self._add(export)
+                except StorageDaemonError:
+                    if not self._exports:
+                        self._stop()          # started for this image alone
+                    raise
                 self._exports[key] = export
             elif export.read_only and not read_only:
                 raise StorageDaemonError(0, f"{path}: already exported read-only")

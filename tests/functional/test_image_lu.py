@@ -1,0 +1,149 @@
+"""Disk image LUs served through qemu-storage-daemon (issue 8): the SCSI features of a disk
+LU over NBD, the daemon's supervision, and the errors an admin sees."""
+
+import os
+import signal
+import struct
+import subprocess
+import threading
+import time
+
+import pytest
+
+from istgt.lu.qsd import daemon
+from istgt.server import StartupError
+from tests.functional.conftest import C_TARGET, GOOD, NODE_BASE
+from tests.functional.test_provisioning import synchronize_cache, unmap
+
+pytestmark = pytest.mark.skipif(C_TARGET, reason="the C istgt here has no image support")
+
+MiB = 1 << 20
+
+
+def image_target(make_target, tmp_path, name="disk.qcow2", size="16MB"):
+    return make_target(lun0_storage=f"{tmp_path}/{name} {size}")
+
+
+def get_lba_status(initiator, lba):
+    """(provisioning status, extent blocks) of the first descriptor."""
+    result = initiator.scsi(bytes([0x9E, 0x12]) + struct.pack(">QI", lba, 24) + bytes(2),
+                            read_length=24)
+    assert result.status == GOOD, result.sense.hex()
+    return result.data[20] & 0x0F, struct.unpack_from(">I", result.data, 16)[0]
+
+
+def test_unmap_reads_back_zeros_and_get_lba_status_follows_the_image(make_target, tmp_path):
+    target = image_target(make_target, tmp_path)
+    initiator = target.session()
+    assert get_lba_status(initiator, 2048)[0] == 1          # a fresh qcow2 is unallocated
+    data = os.urandom(MiB)
+    assert initiator.write10(2048, data).status == GOOD
+    assert get_lba_status(initiator, 2048) == (0, 2048)     # mapped, 1 MiB of it
+    assert unmap(initiator, (2048, 2048)).status == GOOD
+    assert initiator.read10(2048, 2048).data == bytes(MiB)
+    assert get_lba_status(initiator, 2048)[0] == 1
+    assert synchronize_cache(initiator).status == GOOD
+
+
+def test_writes_carry_on_while_the_storage_daemon_is_killed_and_restarted(make_target, tmp_path):
+    target = image_target(make_target, tmp_path)
+    initiator = target.session()
+    before = os.urandom(64 * 1024)
+    assert initiator.write10(0, before).status == GOOD
+    assert synchronize_cache(initiator).status == GOOD       # durable before the crash
+    first_pid, restarts = daemon.pid, daemon.restarts
+    written = {}
+    stop = threading.Event()
+
+    def kill_soon():
+        time.sleep(0.2)
+        os.kill(first_pid, signal.SIGKILL)
+    killer = threading.Thread(target=kill_soon)
+    killer.start()
+    deadline = time.monotonic() + 3
+    index = 0
+    while time.monotonic() < deadline and not stop.is_set():
+        payload = os.urandom(4096)
+        lba = 128 + (index % 256) * 8
+        result = initiator.write10(lba, payload)
+        assert result.status == GOOD, f"write {index} during the restart: {result.sense.hex()}"
+        written[lba] = payload
+        index += 1
+    killer.join()
+    assert daemon.restarts == restarts + 1 and daemon.pid not in (None, first_pid)
+    assert initiator.read10(0, 128).data == before
+    for lba, payload in written.items():
+        assert initiator.read10(lba, 8).data == payload, lba
+
+
+def test_an_image_locked_by_another_process_is_refused_naming_it(make_target, tmp_path):
+    image = tmp_path / "busy.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M"], check=True)
+    holder = subprocess.Popen(["qemu-storage-daemon", "--blockdev",
+                               f"driver=file,node-name=f,filename={image}", "--blockdev",
+                               "driver=qcow2,node-name=q,file=f"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)                         # let it take the lock
+        assert holder.poll() is None
+        with pytest.raises(StartupError, match=r"busy\.qcow2: the image is locked by another"):
+            image_target(make_target, tmp_path, name="busy.qcow2")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert daemon.pid is None                   # nothing left behind after the refused start
+
+
+def test_a_missing_storage_daemon_is_a_clear_start_up_error(make_target, tmp_path, monkeypatch):
+    monkeypatch.setattr("istgt.lu.qsd.BINARY", "qemu-storage-daemon-not-installed")
+    with pytest.raises(StartupError, match=r"need qemu-storage-daemon-not-installed, which is "
+                                           r"not installed"):
+        image_target(make_target, tmp_path)
+    assert not (tmp_path / "disk.qcow2").exists() or os.path.getsize(tmp_path / "disk.qcow2")
+
+
+def test_one_daemon_serves_every_image_and_stops_after_the_last(tmp_path):
+    from istgt.lu.images import ImageBackend
+    first = ImageBackend.open(str(tmp_path / "a.vdi"), 4 * MiB, False, 512)
+    second = ImageBackend.open(str(tmp_path / "b.qed"), 4 * MiB, False, 512)
+    pid = daemon.pid
+    assert pid is not None
+    again = ImageBackend.open(str(tmp_path / "a.vdi"), None, False, 512)   # a reload's new LU
+    assert again.size == 4 * MiB and daemon.pid == pid
+    first.write(0, b"A" * 512)
+    assert bytes(again.read(0, 512)) == b"A" * 512           # one export, both see it
+    first.close()
+    second.close()
+    assert daemon.pid == pid                                 # `again` still uses a.vdi
+    again.close()
+    assert daemon.pid is None
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_auto_size_takes_the_images_and_a_larger_size_is_refused(make_target, tmp_path):
+    image = tmp_path / "sized.vmdk"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(image), "8M"], check=True)
+    target = make_target(lun0_storage=f"{image} Auto")
+    assert target.server.units[1].devices[0].backend.size == 8 * MiB
+    target.stop()
+    with pytest.raises(StartupError, match=r"sized\.vmdk: image holds 8388608 bytes, less than"):
+        make_target(lun0_storage=f"{image} 16MB")
+
+
+def test_reload_adds_and_removes_image_exports(target, tmp_path):
+    """A reload adds an image LU (the daemon gets a new export over QMP) and removes it again
+    (the export goes, the daemon stops with its last image); the file LU never notices."""
+    original = target.config_path.read_text()
+    image = tmp_path / "added.qed"
+    target.config_path.write_text(
+        original + "[LogicalUnit9]\n  TargetName imagedisk\n  Mapping PortalGroup1 "
+        f"InitiatorGroup1\n  AuthMethod None\n  UnitType Disk\n  LUN0 Storage {image} 8MB\n")
+    assert target.server.reload().added == [f"{NODE_BASE}:imagedisk"]
+    assert daemon.pid is not None and image.exists()
+    newcomer = target.session(target=f"{NODE_BASE}:imagedisk")
+    assert newcomer.write10(0, b"\x77" * 4096).status == GOOD
+    assert newcomer.read10(0, 8).data == b"\x77" * 4096
+    target.config_path.write_text(original)
+    assert target.server.reload().removed == [f"{NODE_BASE}:imagedisk"]
+    assert daemon.pid is None
+    assert target.session().tur().status == GOOD
