@@ -1,9 +1,11 @@
-"""Backing stores for Disk LUs: a regular file or block device, and memory (tests).
+"""Backing stores for Disk LUs: a regular file or block device, and memory (tests); disk
+images (istgt/lu/images.py) answer the same interface.
 
 One small interface (`Backend`): `size` in bytes, `read`, `readinto`, `read_stable`,
-`write`, `write_durable`, `write_zeroes`, `flush`, `close`, and for thin provisioning
+`write`, `write_durable`, `write_zeroes`, `flush`, `close`, for thin provisioning
 `supports_unmap`, `unmap_zeroes` (an unmapped range reads as zeros), `unmap` and
-`allocation` (is a range mapped, and how far). Offsets and lengths are bytes;
+`allocation` (is a range mapped, and how far), and for sizing `stored_size`, `grow` and
+`preallocate`. Offsets and lengths are bytes;
 the SCSI layer checks ranges before calling. I/O errors propagate as OSError for the SCSI
 layer to turn into sense data.
 """
@@ -54,8 +56,12 @@ class BackendError(Exception):
 
 
 class Backend(Protocol):
+    path: str
     size: int
     read_only: bool
+    # True when a cached READ/WRITE costs about a memory copy (it may then run on the
+    # connection's thread, and two workers suffice); False for a store behind a socket.
+    served_from_page_cache: bool
 
     def read(self, offset: int, length: int) -> bytes | bytearray: ...
 
@@ -80,10 +86,18 @@ class Backend(Protocol):
 
     def allocation(self, offset: int, length: int) -> tuple[bool, int]: ...
 
+    def stored_size(self) -> int: ...
+
+    def grow(self, size: int) -> None: ...
+
+    def preallocate(self) -> None: ...
+
 
 class FileBackend:
     """A regular file or a block device accessed with pread/pwrite (position-independent,
     so several workers may use one backend at once)."""
+
+    served_from_page_cache = True
 
     def __init__(self, path: str, fd: int, size: int, read_only: bool) -> None:
         self.path = path
@@ -372,6 +386,8 @@ def _device_discard_zeroes(fd: int) -> bool:
 
 class MemoryBackend:
     """A RAM disk for tests; counts flushes so tests can see durability requests."""
+
+    served_from_page_cache = True
 
     def __init__(self, size: int, read_only: bool = False, supports_unmap: bool = True) -> None:
         self.size = size

@@ -46,6 +46,8 @@ def create_image(path: str, fmt: str, size: int) -> None:
 class ImageBackend:
     """A disk image exported by the storage daemon, read and written over NBD."""
 
+    served_from_page_cache = False      # every request waits for the daemon: use workers
+
     def __init__(self, path: str, fmt: str, client: nbd.NbdClient, size: int,
                  read_only: bool) -> None:
         self.path = path

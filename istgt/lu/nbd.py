@@ -176,14 +176,21 @@ def _send_parts(sock: socket.socket, header: bytes, payload) -> None:
 
 
 class _Pending:
+    """One request in flight. `done` is a lock held until the reply arrives: cheaper than an
+    Event for the one waiter there is."""
     __slots__ = ("header", "payload", "into", "done", "error")
 
     def __init__(self, header: bytes, payload, into):
         self.header = header
         self.payload = payload
         self.into = into
-        self.done = threading.Event()
+        self.done = threading.Lock()
+        self.done.acquire()
         self.error = 0
+
+    def finish(self, error: int) -> None:
+        self.error = error
+        self.done.release()
 
 
 class NbdClient:
@@ -231,7 +238,7 @@ class NbdClient:
                 raise OSError(errno.ESHUTDOWN, f"NBD export {self.name} is closed")
             self._pending[cookie] = pending
             self._send(pending)
-        pending.done.wait()
+        pending.done.acquire()
         if pending.error:
             code = _ERRORS.get(pending.error, errno.EIO)
             raise OSError(code, f"NBD export {self.name}: {os.strerror(code)}")
@@ -274,16 +281,14 @@ class NbdClient:
             magic, error, cookie = _SIMPLE_REPLY.unpack(header)
             if magic != SIMPLE_REPLY_MAGIC:
                 raise ValueError(f"bad NBD reply magic {magic:#x}")
-            with self._lock:
-                pending = self._pending.get(cookie)
+            # Only this thread removes entries, and single dict operations are atomic.
+            pending = self._pending.get(cookie)
             if pending is None:
                 raise ValueError(f"NBD reply for unknown cookie {cookie}")
             if not error and pending.into is not None:
                 _recv_into(sock, pending.into)    # a break here sends the READ again
-            with self._lock:
-                del self._pending[cookie]
-            pending.error = error
-            pending.done.set()
+            del self._pending[cookie]
+            pending.finish(error)
 
     def _recover(self) -> bool:
         """Reconnect and send every unanswered request again; False when it cannot."""
@@ -313,8 +318,7 @@ class NbdClient:
             pending, self._pending = list(self._pending.values()), {}
             self._closing = True
         for item in pending:
-            item.error = error
-            item.done.set()
+            item.finish(error)
 
     # --- block status (its own connection, structured replies) ---------------------------
 

@@ -19,6 +19,8 @@ TASK_SET_FULL = 0x28
 REPORT_LUNS = 0xA0
 # More workers than cores only add GIL hand-offs for a page-cache-backed file (measured).
 MAX_WORKERS = max(2, os.cpu_count() or 2)
+# A store behind a socket (NBD, RBD) keeps its requests in flight only with a thread each.
+MAX_REMOTE_WORKERS = 64
 # Quick commands run on the submitting connection's thread (no hand-off to a worker) unless
 # one of them took longer than INLINE_SLOW_NS; then, for INLINE_PAUSE_NS, all go to workers,
 # so a slow backing store never keeps a connection from reading its next PDUs for long.
@@ -30,6 +32,11 @@ INLINE_MAX_BYTES = 128 * 1024   # larger transfers gain more from a worker's ove
 
 def _never_quick(cdb) -> bool:
     return False
+
+
+def _all_page_cache(devices: dict) -> bool:
+    return all(getattr(getattr(d, "backend", None), "served_from_page_cache", True)
+               for d in devices.values())
 
 
 class LogicalUnit:
@@ -45,7 +52,8 @@ class LogicalUnit:
         self.exclusive = threading.Lock()
         limit = max(1, self.queue_depth) * max(1, max_sessions)
         self._queue = TaskQueue(limit)
-        workers = 1 if self.queue_depth == 0 else min(MAX_WORKERS, self.queue_depth)
+        most = MAX_WORKERS if _all_page_cache(devices) else MAX_REMOTE_WORKERS
+        workers = 1 if self.queue_depth == 0 else min(most, self.queue_depth)
         self.stats = IoStats()
         self._inline_paused_until = 0       # perf_counter_ns(); a benign race between threads
         self._pool = WorkerPool(f"LU{self.number}", self._queue, self._execute, workers,

@@ -75,6 +75,7 @@ class NoStore:
 
     read_only = True
     supports_unmap = False
+    served_from_page_cache = True
     path = "/dev/null"
 
     def __init__(self, size: int) -> None:
@@ -201,7 +202,7 @@ class DiskDevice:
         """Whether the command is expected to finish about as fast as a page-cache copy: a
         READ or a cached WRITE without FUA (anything that waits for stable storage is not),
         so a connection may run it on its own thread."""
-        if len(cdb) < 2:
+        if len(cdb) < 2 or not self.backend.served_from_page_cache:
             return False
         opcode = cdb[0]
         if opcode in _QUICK_READS:
