@@ -1048,6 +1048,13 @@ def _lun_line(reader: _Reader, item: Item, number: int) -> dict:
         size = _size_value(reader, item, size_text)
         if size == 0:
             raise reader.error("size 0 is not allowed", item)
+        if path.startswith("rbd:"):
+            from istgt.lu.backends import BackendError
+            from istgt.lu.images import RbdImage
+            try:
+                RbdImage.parse(path)
+            except BackendError as exc:
+                raise reader.error(exc.reason, item) from None
         return {"kind": "storage", "path": path, "size": size}
     if kind_word == "removable":
         if len(rest) != 3:

@@ -14,7 +14,7 @@ from istgt.auth_audit import audit_config
 from istgt.iscsi.connection import Connection, corked
 from istgt.iscsi.session import SessionRegistry
 from istgt.lu.backends import BackendError, FileBackend
-from istgt.lu.images import ImageBackend, image_format
+from istgt.lu.images import ImageBackend, image_location
 from istgt.lu.copy_targets import CopyTargets
 from istgt.control.server import ControlServer
 from istgt.listen import listen_tcp
@@ -77,8 +77,8 @@ def _build_disk(lu_config, lun, state_directory: str | None):
     from istgt.scsi.provisioning import ProvisioningError
     from istgt.scsi.sbc import DiskDevice
     where = f"LU{lu_config.number} ({lu_config.name}) LUN{lun.number}"
-    store = ImageBackend if image_format(lun.path) else FileBackend
     try:
+        store = ImageBackend if image_location(lun.path) else FileBackend
         backend = store.open(lun.path, lun.size, lu_config.read_only, lu_config.block_length)
     except BackendError as e:
         raise StartupError(f"LU{lu_config.number} ({lu_config.name}): {e}") from None

@@ -1,6 +1,7 @@
 """Disk image LUs (.vdi .vhd .vmdk .qcow .qcow2 .qed .vhdx, chosen by extension as istgt
-does): the image is created with qemu-img when missing and served by the process's
-qemu-storage-daemon (istgt/lu/qsd.py) over NBD (istgt/lu/nbd.py).
+does) and Ceph RBD images (rbd:pool/image, QEMU's form): the image is created with qemu-img
+when missing and served by the process's qemu-storage-daemon (istgt/lu/qsd.py) over NBD
+(istgt/lu/nbd.py).
 
 The backend answers the same interface as FileBackend. UNMAP becomes NBD WRITE_ZEROES that
 may deallocate: every format reads zeros back after it (TRIM would not on most formats), and
@@ -24,6 +25,7 @@ FORMATS = {
 # Options that make the created image hold exactly the size asked for.
 _CREATE_OPTIONS = {"vpc": ["-o", "force_size=on"]}
 _ZEROES_CHUNK = 1 << 30            # NBD lengths are 32-bit
+_RBD_OPTIONS = {"id": "user", "conf": "conf"}     # rbd: options -> blockdev rbd keys
 
 
 def image_format(path: str) -> str | None:
@@ -31,16 +33,122 @@ def image_format(path: str) -> str | None:
     return FORMATS.get(os.path.splitext(path)[1].lower())
 
 
-def create_image(path: str, fmt: str, size: int) -> None:
-    command = ["qemu-img", "create", "-q", "-f", fmt, *_CREATE_OPTIONS.get(fmt, []), path,
-               str(size)]
+def image_location(path: str) -> FileImage | RbdImage | None:
+    """What a `LUNn Storage` path names when it is not a plain file or device."""
+    if path.startswith("rbd:"):
+        return RbdImage.parse(path)
+    fmt = image_format(path)
+    return FileImage(path, fmt) if fmt else None
+
+
+def _qemu_img(args: list[str], what: str, timeout: float = 120) -> subprocess.CompletedProcess:
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        return subprocess.run(["qemu-img", *args], capture_output=True, text=True,
+                              timeout=timeout)
     except FileNotFoundError:
-        raise BackendError(path, "creating a disk image needs qemu-img, which is not "
-                                 "installed (Debian: apt-get install qemu-utils)") from None
-    if result.returncode != 0:
-        raise BackendError(path, f"qemu-img create failed: {result.stderr.strip()}")
+        raise BackendError(what, "disk images need qemu-img, which is not installed "
+                                 "(Debian: apt-get install qemu-utils)") from None
+    except subprocess.TimeoutExpired:
+        raise BackendError(what, f"qemu-img {args[0]} did not answer in {timeout:.0f} s")
+
+
+class FileImage:
+    """An image file in one of FORMATS."""
+
+    def __init__(self, path: str, fmt: str) -> None:
+        self.path, self.format = path, fmt
+        self.key = os.path.realpath(path)
+        self.forced_read_only = False
+
+    def nodes(self, read_only: bool) -> list[dict]:
+        return [{"driver": "file", "filename": self.key, "aio": "threads",
+                 "cache": {"direct": False}, "discard": "unmap", "read-only": read_only},
+                {"driver": self.format, "discard": "unmap", "read-only": read_only}]
+
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def create(self, size: int) -> None:
+        result = _qemu_img(["create", "-q", "-f", self.format,
+                            *_CREATE_OPTIONS.get(self.format, []), self.path, str(size)],
+                           self.path)
+        if result.returncode != 0:
+            raise BackendError(self.path, f"qemu-img create failed: {result.stderr.strip()}")
+
+
+class RbdImage:
+    """A Ceph RBD image in QEMU's form: rbd:pool/[namespace/]image[@snap][:id=..][:conf=..]
+    (a snapshot is served read-only)."""
+
+    def __init__(self, path: str, pool: str, namespace: str, image: str, snapshot: str | None,
+                 options: dict[str, str]) -> None:
+        self.path, self.pool, self.namespace, self.image = path, pool, namespace, image
+        self.snapshot, self.options = snapshot, options
+        self.format = "rbd"
+        self.key = path
+        self.forced_read_only = snapshot is not None
+
+    @classmethod
+    def parse(cls, path: str) -> RbdImage:
+        fields = _split_unescaped(path[len("rbd:"):], ":")
+        name, options = fields[0], {}
+        for field in fields[1:]:
+            key, equals, value = field.partition("=")
+            if not equals or key not in _RBD_OPTIONS:
+                raise BackendError(path, f"unknown rbd option {field!r} (id= and conf= are "
+                                         "understood; put other settings in the ceph.conf)")
+            options[_RBD_OPTIONS[key]] = value
+        name, _, snapshot = name.partition("@")
+        parts = name.split("/")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise BackendError(path, "expected rbd:pool/[namespace/]image[@snapshot]")
+        pool, image = parts[0], parts[-1]
+        namespace = parts[1] if len(parts) == 3 else ""
+        return cls(path, pool, namespace, image, snapshot or None, options)
+
+    def nodes(self, read_only: bool) -> list[dict]:
+        node = {"driver": "rbd", "pool": self.pool, "image": self.image,
+                "cache": {"direct": True}, "discard": "unmap",
+                "read-only": read_only or self.forced_read_only, **self.options}
+        if self.namespace:
+            node["namespace"] = self.namespace
+        if self.snapshot:
+            node["snapshot"] = self.snapshot
+        return [node]
+
+    def exists(self) -> bool:
+        result = _qemu_img(["info", self.path], self.path, timeout=60)
+        if result.returncode == 0:
+            return True
+        if "No such file or directory" in result.stderr:
+            return False
+        raise BackendError(self.path, f"cannot reach the image: {result.stderr.strip()}")
+
+    def create(self, size: int) -> None:
+        if self.snapshot:
+            raise BackendError(self.path, "no such snapshot (snapshots are never created)")
+        result = _qemu_img(["create", "-q", "-f", "raw", self.path, str(size)], self.path)
+        if result.returncode != 0:
+            raise BackendError(self.path, f"creating the RBD image failed: "
+                                          f"{result.stderr.strip()}")
+
+
+def _split_unescaped(text: str, separator: str) -> list[str]:
+    """Split on `separator` except where a backslash escapes it (QEMU's rbd: syntax)."""
+    fields, current, escaped = [], [], False
+    for char in text:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == separator:
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    fields.append("".join(current))
+    return fields
 
 
 class ImageBackend:
@@ -48,10 +156,10 @@ class ImageBackend:
 
     served_from_page_cache = False      # every request waits for the daemon: use workers
 
-    def __init__(self, path: str, fmt: str, client: nbd.NbdClient, size: int,
+    def __init__(self, path: str, location, client: nbd.NbdClient, size: int,
                  read_only: bool) -> None:
         self.path = path
-        self.format = fmt
+        self.location = location
         self.size = size
         self.read_only = read_only
         self._client = client
@@ -63,36 +171,37 @@ class ImageBackend:
     @classmethod
     def open(cls, path: str, size: int | None, read_only: bool,
              block_length: int = 1) -> ImageBackend:
-        fmt = image_format(path)
-        if fmt is None:
-            raise BackendError(path, "not a disk image extension")
-        if not os.path.exists(path):
+        location = image_location(path)
+        if location is None:
+            raise BackendError(path, "not a disk image extension or rbd: location")
+        read_only = read_only or location.forced_read_only
+        if not location.exists():
             if read_only:
                 raise BackendError(path, "no such image (a ReadOnly LU never creates it)")
             if size is None:
                 raise BackendError(path, "no such image (Auto size needs an existing one)")
-            create_image(path, fmt, size)
+            location.create(size)
         try:
-            name = daemon.acquire(path, fmt, read_only)
+            name = daemon.acquire(location.key, location.nodes(read_only), read_only, path)
         except StorageDaemonError as exc:
             raise BackendError(path, exc.strerror or str(exc)) from None
         try:
             client = nbd.NbdClient(daemon.nbd_path, name, reconnect=daemon.wait_ready)
         except OSError as exc:
-            daemon.release(path)
+            daemon.release(location.key)
             raise BackendError(path, f"cannot connect to its NBD export: {exc}") from None
         holds = client.export.size
         wanted = holds if size is None else size
+        problem = None
         if wanted > holds:
+            problem = f"image holds {holds} bytes, less than {wanted}"
+        elif wanted - wanted % block_length <= 0:
+            problem = "size is zero" + (" (Auto)" if size is None else "")
+        if problem:
             client.close()
-            daemon.release(path)
-            raise BackendError(path, f"image holds {holds} bytes, less than {wanted}")
-        usable = wanted - wanted % block_length
-        if usable <= 0:
-            client.close()
-            daemon.release(path)
-            raise BackendError(path, "size is zero" + (" (Auto)" if size is None else ""))
-        return cls(path, fmt, client, usable, read_only)
+            daemon.release(location.key)
+            raise BackendError(path, problem)
+        return cls(path, location, client, wanted - wanted % block_length, read_only)
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -170,4 +279,4 @@ class ImageBackend:
                 client.request(nbd.CMD_FLUSH, 0, 0)
         finally:
             client.close()
-            daemon.release(self.path)
+            daemon.release(self.location.key)

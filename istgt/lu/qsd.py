@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -28,6 +30,13 @@ BINARY = "qemu-storage-daemon"
 START_TIMEOUT_S = 10.0
 QMP_TIMEOUT_S = 30.0
 RESTART_WAIT_S = 30.0
+
+
+# The target blocks SIGTERM and friends in every thread for its signal thread, and a
+# child inherits the mask across exec: the daemon would never see SIGTERM. This resets it.
+_UNBLOCK_SIGNALS = [sys.executable, "-I", "-S", "-c",
+                    "import os, signal, sys; signal.pthread_sigmask(signal.SIG_SETMASK, ()); "
+                    "os.execvp(sys.argv[1], sys.argv[1:])"]
 
 
 class StorageDaemonError(OSError):
@@ -71,16 +80,21 @@ class _Qmp:
 
 
 class _Export:
-    __slots__ = ("name", "path", "fmt", "read_only", "users")
+    """One exported image: the blockdev nodes that open it (protocol first, the exported
+    node last; each a blockdev-add argument dict without its node name)."""
+    __slots__ = ("name", "key", "nodes", "read_only", "users")
 
-    def __init__(self, name: str, path: str, fmt: str, read_only: bool) -> None:
-        self.name, self.path, self.fmt, self.read_only = name, path, fmt, read_only
+    def __init__(self, name: str, key: str, nodes: list[dict], read_only: bool) -> None:
+        self.name, self.key, self.nodes, self.read_only = name, key, nodes, read_only
         self.users = 0
+
+    def node_name(self, index: int) -> str:
+        return f"{self.name}-n{index}"
 
 
 class StorageDaemon:
-    """The running daemon and its exports, one per image path (shared by every LU that opens
-    the same image, as a reload does while the old LU still serves)."""
+    """The running daemon and its exports, one per image (shared by every LU that opens the
+    same image, as a reload does while the old LU still serves)."""
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
@@ -103,29 +117,28 @@ class StorageDaemon:
 
     # --- exports -----------------------------------------------------------------------------
 
-    def acquire(self, path: str, fmt: str, read_only: bool) -> str:
-        """The NBD export name of the image at `path`, added if it is not exported yet."""
-        key = os.path.realpath(path)
+    def acquire(self, key: str, nodes: list[dict], read_only: bool, describe: str) -> str:
+        """The NBD export name of the image `key` (a real path, or an rbd: location), added
+        with `nodes` if it is not exported yet; `describe` names it in errors."""
         with self._lock:
             export = self._exports.get(key)
             if export is None:
                 if self._process is None:
                     self._start()
-                export = _Export(f"lun{next(self._numbers)}", key, fmt, read_only)
+                export = _Export(f"lun{next(self._numbers)}", key, nodes, read_only)
                 try:
-                    self._add(export)
+                    self._add(export, describe)
                 except StorageDaemonError:
                     if not self._exports:
                         self._stop()          # started for this image alone
                     raise
                 self._exports[key] = export
             elif export.read_only and not read_only:
-                raise StorageDaemonError(0, f"{path}: already exported read-only")
+                raise StorageDaemonError(0, f"{describe}: already exported read-only")
             export.users += 1
             return export.name
 
-    def release(self, path: str) -> None:
-        key = os.path.realpath(path)
+    def release(self, key: str) -> None:
         with self._lock:
             export = self._exports.get(key)
             if export is None:
@@ -137,32 +150,30 @@ class StorageDaemon:
             try:
                 self._remove(export)
             except (OSError, ValueError) as exc:
-                log.warning("%s: removing its export: %s", export.path, exc)
+                log.warning("%s: removing its export: %s", export.key, exc)
             if not self._exports:
                 self._stop()
 
-    def _add(self, export: _Export) -> None:
+    def _add(self, export: _Export, describe: str) -> None:
         qmp = self._qmp
-        file_node, format_node = f"{export.name}-file", f"{export.name}-fmt"
+        added: list[str] = []
         try:
-            qmp.execute("blockdev-add", driver="file", **{"node-name": file_node},
-                        filename=export.path, aio="threads", cache={"direct": False},
-                        discard="unmap", **{"read-only": export.read_only})
-        except StorageDaemonError as exc:
-            raise StorageDaemonError(0, _explain(export.path, str(exc))) from None
-        try:
-            qmp.execute("blockdev-add", driver=export.fmt, **{"node-name": format_node},
-                        file=file_node, discard="unmap", **{"read-only": export.read_only})
+            for index, node in enumerate(export.nodes):
+                arguments = dict(node, **{"node-name": export.node_name(index)})
+                if index:
+                    arguments["file"] = export.node_name(index - 1)
+                qmp.execute("blockdev-add", **arguments)
+                added.append(export.node_name(index))
             qmp.execute("block-export-add", type="nbd", id=export.name,
-                        **{"node-name": format_node}, name=export.name,
+                        **{"node-name": added[-1]}, name=export.name,
                         writable=not export.read_only)
         except StorageDaemonError as exc:
-            for node in (format_node, file_node):
+            for node in reversed(added):
                 try:
                     qmp.execute("blockdev-del", **{"node-name": node})
                 except StorageDaemonError:
                     pass
-            raise StorageDaemonError(0, _explain(export.path, str(exc))) from None
+            raise StorageDaemonError(0, _explain(describe, str(exc))) from None
 
     def _remove(self, export: _Export) -> None:
         qmp = self._qmp
@@ -170,11 +181,11 @@ class StorageDaemon:
             return
         qmp.execute("block-export-del", id=export.name, mode="hard")
         # The export goes away asynchronously; its nodes can be deleted once it has.
-        for node in (f"{export.name}-fmt", f"{export.name}-file"):
+        for index in reversed(range(len(export.nodes))):
             deadline = time.monotonic() + 5
             while True:
                 try:
-                    qmp.execute("blockdev-del", **{"node-name": node})
+                    qmp.execute("blockdev-del", **{"node-name": export.node_name(index)})
                     break
                 except StorageDaemonError:
                     if time.monotonic() > deadline:
@@ -189,10 +200,14 @@ class StorageDaemon:
                                         "(Debian: apt-get install qemu-system-common)")
         self._directory = tempfile.mkdtemp(prefix="istgt-qsd-")
         self._stopping = False
-        self._spawn()
-        self._ready.set()
-        threading.Thread(target=self._supervise, args=(self._process,), name="qsd-supervisor",
+        outcome: queue.Queue = queue.Queue()
+        threading.Thread(target=self._supervise, args=(outcome,), name="qsd-supervisor",
                          daemon=True).start()
+        error = outcome.get()
+        if error is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+            raise error
+        self._ready.set()
 
     def _spawn(self) -> None:
         directory = self._directory
@@ -201,6 +216,8 @@ class StorageDaemon:
             if os.path.exists(stale):
                 os.unlink(stale)
         command = [
+            "setpriv", "--pdeathsig", "TERM", "--",     # util-linux: dies with its parent
+            *_UNBLOCK_SIGNALS,
             BINARY,
             "--chardev", f"socket,id=qmp0,path={qmp_path},server=on,wait=off",
             "--monitor", "chardev=qmp0",
@@ -238,8 +255,18 @@ class StorageDaemon:
             return ""
         return lines[-1] if lines else ""
 
-    def _supervise(self, process: subprocess.Popen) -> None:
-        """Start the daemon again when it dies while exports remain."""
+    def _supervise(self, outcome: queue.Queue) -> None:
+        """Start the daemon, then start it again whenever it dies while exports remain.
+        This thread lives as long as the daemon and is the one that spawns it: the daemon
+        gets SIGTERM when its spawning thread ends (PR_SET_PDEATHSIG), so it never outlives
+        a target that was killed."""
+        try:
+            self._spawn()
+        except StorageDaemonError as exc:
+            outcome.put(exc)
+            return
+        outcome.put(None)
+        process = self._process
         while True:
             status = process.wait()
             with self._lock:
@@ -254,7 +281,7 @@ class StorageDaemon:
                     self._qmp.close()
                     self._spawn()
                     for export in self._exports.values():
-                        self._add(export)
+                        self._add(export, export.key)
                 except OSError as exc:
                     log.error("%s could not be started again: %s", BINARY, exc)
                     time.sleep(1)
@@ -288,11 +315,11 @@ class StorageDaemon:
         log.info("%s stopped", BINARY)
 
 
-def _explain(path: str, message: str) -> str:
+def _explain(describe: str, message: str) -> str:
     if "lock" in message.lower():
-        return (f"{path}: the image is locked by another process (in use by another "
+        return (f"{describe}: the image is locked by another process (in use by another "
                 f"qemu or target?): {message}")
-    return f"{path}: {message}"
+    return f"{describe}: {message}"
 
 
 # One per process: every image LU of this target shares it.

@@ -111,7 +111,8 @@ class LuSpec:
     extra: tuple[str, ...] = ()
     # further portal groups mapping the same LU (multipath: one more target port each)
     also_through: tuple[int, ...] = ()
-    # a disk image file name (e.g. "disk.qcow2") the target creates, instead of a sparse .img
+    # a disk image the target creates instead of a sparse .img: a file name in the target's
+    # directory (e.g. "disk.qcow2") or an rbd: location
     image: str | None = None
 
     @property
@@ -198,7 +199,7 @@ def write_config(layout: TargetLayout) -> None:
         "  Netmask [::1]/128",
     ]
     for number, unit in enumerate(layout.units, start=1):
-        disk = layout.disk_path(unit)
+        disk = unit.image if (unit.image or "").startswith("rbd:") else layout.disk_path(unit)
         if unit.image is None:
             with open(disk, "wb") as backing:
                 backing.truncate(unit.size_bytes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,42 @@ def test_images_are_what_qemu_img_sees_and_survive_a_restart(image_target, paylo
         back = tmp_path / f"{ext}.raw"
         convert(["-f", "raw", "-O", "raw", url(holder["target"], ext), str(back)])
         assert sha256_of(back) == digest, f"{ext}: different data after a restart"
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a container's init may leave the dead unreaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_target_takes_its_storage_daemon_along(tmp_path):
+    """SIGKILL of the target must not leave qemu-storage-daemon holding the images' locks:
+    the next start would be refused."""
+    unit = LuSpec("img-kill", SIZE, extra=("AuthMethod None",), image="disk.qcow2")
+    target = start_target(tmp_path, (unit,))
+    try:
+        daemons = [pid for pid in children_of(target.process.pid)
+                   if b"qemu-storage-daemon" in open(f"/proc/{pid}/cmdline", "rb").read()]
+        assert len(daemons) == 1, daemons
+    finally:
+        target.kill()
+    deadline = time.monotonic() + 10
+    while running(daemons[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(daemons[0]), "the daemon outlived its target"
+    target = start_target(tmp_path, (unit,))    # the image is not locked any more
+    stop_target(target)
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as children:
+                found += [int(child) for child in children.read().split()]
+        except FileNotFoundError:
+            pass                                # a thread that just ended
+    return found

@@ -222,6 +222,8 @@ LU_LINE = 12  # first line appended by with_lu_lines
         ("LUN1 Storage /tmp/x", "LUN1", "expected: LUN1 Storage <path> <size|Auto>"),
         ("LUN1 Storage 1G 32k", "LUN1", "looks like a size"),
         ("LUN1 Storage /tmp/x 1G 32k", "LUN1", "got 3 values"),
+        ("LUN1 Storage rbd:justimage 1GB", "LUN1", "expected rbd:pool/[namespace/]image"),
+        ("LUN1 Storage rbd:pool/img:keyring=/k 1GB", "LUN1", "unknown rbd option 'keyring=/k'"),
         ("LUN64 Storage /tmp/x 1GB", "LUN64", "out of range 0..63"),
         ("LUNX Storage /tmp/x 1GB", "LUNX", "LUN keys are LUN0..LUN63"),
         ("LUN1 Device /dev/sg0", "LUN1", "does not take Device LUNs"),

@@ -26,7 +26,7 @@ ALL = nbd.FLAG_SEND_FLUSH | nbd.FLAG_SEND_FUA | nbd.FLAG_SEND_WRITE_ZEROES | nbd
 
 def backend(flags=ALL, read_only=False):
     client = RecordingClient(flags)
-    return ImageBackend("/x/disk.qcow2", "qcow2", client, 1 << 20, read_only), client
+    return ImageBackend("/x/disk.qcow2", None, client, 1 << 20, read_only), client
 
 
 def test_durable_write_is_one_fua_write():
@@ -75,3 +75,18 @@ def test_no_unmap_without_write_zeroes_or_when_read_only():
 def test_format_follows_the_extension(path, driver):
     assert image_format(path) == driver
     assert len(FORMATS) == 7
+
+
+@pytest.mark.parametrize("path, nodes", [
+    ("rbd:rbd/disk0", {"pool": "rbd", "image": "disk0", "read-only": False}),
+    ("rbd:rbd/ns1/disk0@snap1:id=gw:conf=/etc/ceph/a\\:b.conf",
+     {"pool": "rbd", "namespace": "ns1", "image": "disk0", "snapshot": "snap1", "user": "gw",
+      "conf": "/etc/ceph/a:b.conf", "read-only": True}),
+])
+def test_rbd_locations_in_qemus_form(path, nodes):
+    from istgt.lu.images import RbdImage, image_location
+    location = image_location(path)
+    assert isinstance(location, RbdImage) and location.key == path
+    (node,) = location.nodes(read_only=False)
+    assert node["driver"] == "rbd" and {k: node[k] for k in nodes} == nodes
+    assert location.forced_read_only == ("@" in path)
