@@ -16,6 +16,7 @@ import subprocess
 from istgt.lu import nbd
 from istgt.lu.backends import BackendError
 from istgt.lu.qsd import StorageDaemonError, daemon
+from istgt.lu.rbd import RbdBackend
 
 # Extension -> qemu block driver.
 FORMATS = {
@@ -26,6 +27,9 @@ FORMATS = {
 _CREATE_OPTIONS = {"vpc": ["-o", "force_size=on"]}
 _ZEROES_CHUNK = 1 << 30            # NBD lengths are 32-bit
 _RBD_OPTIONS = {"id": "user", "conf": "conf"}     # rbd: options -> blockdev rbd keys
+# RBD LUs go through librbd (measured faster, doc/BACKENDS.md); =nbd sends them through
+# qemu-storage-daemon's rbd driver instead (the benchmark's comparison, or a fallback).
+RBD_PATH_VARIABLE = "ISTGT_RBD_PATH"
 
 
 def image_format(path: str) -> str | None:
@@ -170,7 +174,9 @@ class ImageBackend:
 
     @classmethod
     def open(cls, path: str, size: int | None, read_only: bool,
-             block_length: int = 1) -> ImageBackend:
+             block_length: int = 1) -> ImageBackend | RbdBackend:
+        """The store for an image path: files through qemu-storage-daemon, RBD images
+        through librbd."""
         location = image_location(path)
         if location is None:
             raise BackendError(path, "not a disk image extension or rbd: location")
@@ -181,6 +187,8 @@ class ImageBackend:
             if size is None:
                 raise BackendError(path, "no such image (Auto size needs an existing one)")
             location.create(size)
+        if isinstance(location, RbdImage) and os.environ.get(RBD_PATH_VARIABLE) != "nbd":
+            return RbdBackend.open(path, location, size, read_only, block_length)
         try:
             name = daemon.acquire(location.key, location.nodes(read_only), read_only, path)
         except StorageDaemonError as exc:

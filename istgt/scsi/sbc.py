@@ -714,9 +714,27 @@ def compare_and_write(device: DiskDevice, task: ScsiTask) -> None:
         raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_INFORMATION_UNIT)
     payload = data_out(task, 2 * length)
     with device.extents.exclusive(lba, blocks):
+        atomic = getattr(device.backend, "compare_and_write", None)
+        if atomic is not None:
+            # a store shared by several targets (RBD gateways) compares and writes in one
+            # operation, so no other gateway's write can come between the two
+            _atomic_compare_and_write(device, lba, atomic, payload, length, bool(cdb[1] & FUA))
+            return
         stored = device.read_extent(lba, blocks, from_medium=False)
         _compare(device, lba, payload[:length], stored)
         device.write_extent(lba, payload[length:], force_unit_access=bool(cdb[1] & FUA))
+
+
+def _atomic_compare_and_write(device: DiskDevice, lba: int, atomic, payload, length: int,
+                              fua: bool) -> None:
+    try:
+        mismatch = atomic(lba * device.block_length, payload[:length], payload[length:])
+        if mismatch is None and (fua or not device.mode_pages.write_cache_enabled):
+            device.backend.flush()
+    except OSError as exc:
+        raise _write_failure(device.lun_number, lba, exc) from None
+    if mismatch is not None:
+        raise CheckCondition(SenseKey.MISCOMPARE, Asc.MISCOMPARE_DURING_VERIFY, info=mismatch)
 
 
 def write_atomic(device: DiskDevice, task: ScsiTask) -> None:

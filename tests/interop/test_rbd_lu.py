@@ -1,22 +1,19 @@
 """Ceph RBD LUs (issue 8) against a one-node cluster started for this module
-(tools/ceph_one_node.py: a monitor and a memstore OSD on loopback, killed by pid afterwards):
+(tests/conftest.py's ceph_cluster: tools/ceph_one_node.py, a monitor and a memstore OSD on
+loopback, killed by pid afterwards):
 the target creates the image, 64 MiB round-trips through QEMU's iSCSI driver, again after a
 target restart, and the image is what `rbd info` reports."""
 from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 
 from tests.interop.conftest import (
-    MIB, REPO_ROOT, InteropTarget, LuSpec, require_tool, run_tool, start_target, stop_target,
+    MIB, InteropTarget, LuSpec, require_tool, run_tool, start_target, stop_target,
 )
 from tests.interop.test_qemu_roundtrip import sha256_of, write_seeded_image
-
-sys.path.insert(0, str(REPO_ROOT / "tools"))
-from ceph_one_node import Cluster  # noqa: E402
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(300)]
 
@@ -24,15 +21,9 @@ SIZE = 64 * MIB
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    for tool in ("ceph-mon", "ceph-osd", "ceph", "rbd", "qemu-storage-daemon"):
-        require_tool(tool)
-    ceph = Cluster(tmp_path_factory.mktemp("ceph"))
-    try:
-        ceph.start(memory_mib=512)
-        yield ceph
-    finally:
-        ceph.stop()
+def cluster(ceph_cluster):
+    require_tool("qemu-img")
+    return ceph_cluster
 
 
 def rbd_unit(cluster, image: str) -> LuSpec:

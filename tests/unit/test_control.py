@@ -14,6 +14,7 @@ from istgt.control.auth import (
 )
 from istgt.control.commands import ControlSession, lun_description
 from istgt.control.protocol import MAX_LINE, LineBuffer, parse_request, quote, split_line
+from istgt.lu.stats import IoStats
 
 ENTRY = SimpleNamespace(user="ctl", secret="ctlsecret", mutual_user="tgt",
                         mutual_secret="tgtsecret")
@@ -132,11 +133,15 @@ class FakeDevice:
         return True
 
 
+class FakeUnit(SimpleNamespace):
+    __hash__ = object.__hash__      # the STATS command keys a table by unit, as LogicalUnit allows
+
+
 def fake_unit(number, name, removable=False):
     lun = SimpleNamespace(number=0, kind="storage", path=f"/d/{name}.img", size=None, flags=(),
                           removable_disk=removable)
-    unit = SimpleNamespace(number=number, name=f"iqn.x:{name}", devices={0: FakeDevice(removable)},
-                           config=SimpleNamespace(luns={0: lun}), resets=[])
+    unit = FakeUnit(number=number, name=f"iqn.x:{name}", devices={0: FakeDevice(removable)},
+                    config=SimpleNamespace(luns={0: lun}), resets=[], stats=IoStats())
     unit.lun_reset = unit.resets.append
     return unit
 
@@ -217,4 +222,5 @@ def test_no_request_line_raises(line):
     units = {1: fake_unit(1, "disk"), 2: fake_unit(2, "cd", removable=True)}
     server = SimpleNamespace(units=units, sessions=SimpleNamespace(all=lambda: []))
     replies, _ = ControlSession(server, "x", None).handle(line)
-    assert all(r.startswith(("OK ", "ERR ", "LIST ", "INFO ", "VERSION ")) for r in replies)
+    assert all(r.startswith(("OK ", "ERR ", "LIST ", "INFO ", "VERSION ", "STATS "))
+               for r in replies)

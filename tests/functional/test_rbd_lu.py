@@ -1,0 +1,71 @@
+"""Ceph RBD LUs through librbd (issue 8), on the run's one-node cluster (tests/conftest.py):
+the disk LU's SCSI features on an RBD image, COMPARE AND WRITE done by the cluster, and two
+targets (gateways) on one image seeing each other's writes."""
+
+import os
+import struct
+
+import pytest
+
+from tests.functional.conftest import C_TARGET, CHECK_CONDITION, GOOD, asc_ascq, sense_key
+from tests.functional.test_image_lu import get_lba_status
+from tests.functional.test_provisioning import synchronize_cache, unmap
+
+pytestmark = pytest.mark.skipif(C_TARGET, reason="the C istgt has no RBD support")
+
+MiB = 1 << 20
+MISCOMPARE = 0x0E
+
+
+def rbd_target(make_target, cluster, image, size="16MB"):
+    return make_target(lun0_storage=f"rbd:rbd/{image}:conf={cluster.conf} {size}")
+
+
+def compare_and_write(initiator, lba, expected, new):
+    cdb = struct.pack(">BBQ3xBBB", 0x89, 0, lba, len(new) // 512, 0, 0)
+    return initiator.scsi(cdb, data_out=expected + new)
+
+
+def test_an_rbd_lu_reads_writes_unmaps_and_reports_allocation(make_target, ceph_cluster):
+    target = rbd_target(make_target, ceph_cluster, "features")
+    device = target.server.units[1].devices[0]
+    assert type(device.backend).__name__ == "RbdBackend"
+    initiator = target.session()
+    data = os.urandom(4 * MiB)
+    assert initiator.write10(8192, data).status == GOOD       # one whole 4 MiB object
+    assert synchronize_cache(initiator).status == GOOD
+    assert initiator.read10(8192, 8192).data == data
+    assert get_lba_status(initiator, 8192) == (0, 8192)
+    assert get_lba_status(initiator, 0)[0] == 1               # never written
+    assert unmap(initiator, (8192, 8192)).status == GOOD
+    assert initiator.read10(8192, 8192).data == bytes(4 * MiB)
+    assert unmap(initiator, (8193, 7)).status == GOOD         # part of an object reads zeros
+    assert initiator.read10(8193, 7).data == bytes(7 * 512)
+
+
+def test_compare_and_write_is_done_by_the_cluster(make_target, ceph_cluster):
+    target = rbd_target(make_target, ceph_cluster, "caw")
+    initiator = target.session()
+    old, new = b"\x11" * 512, b"\x22" * 512
+    assert initiator.write10(100, old).status == GOOD
+    assert compare_and_write(initiator, 100, old, new).status == GOOD
+    assert initiator.read10(100, 1).data == new
+    wrong = new[:37] + b"\x00" + new[38:]
+    result = compare_and_write(initiator, 100, wrong, old)
+    assert result.status == CHECK_CONDITION and sense_key(result.sense) == MISCOMPARE
+    assert asc_ascq(result.sense) == (0x1D, 0x00)
+    assert struct.unpack(">I", result.sense[3:7])[0] == 37      # INFORMATION: the offset
+    assert initiator.read10(100, 1).data == new                 # nothing written
+
+
+def test_two_gateways_on_one_image_see_each_others_writes(make_target, ceph_cluster):
+    first = rbd_target(make_target, ceph_cluster, "shared")
+    second = make_target(lun0_storage=f"rbd:rbd/shared:conf={ceph_cluster.conf} Auto")
+    one, two = first.session(), second.session()
+    payload = os.urandom(64 * 1024)
+    assert one.write10(0, payload).status == GOOD
+    assert two.read10(0, 128).data == payload
+    swapped = os.urandom(512)
+    assert compare_and_write(two, 0, payload[:512], swapped).status == GOOD
+    assert compare_and_write(one, 0, payload[:512], os.urandom(512)).status == CHECK_CONDITION
+    assert one.read10(0, 1).data == swapped
