@@ -15,6 +15,8 @@ from istgt.iscsi.connection import Connection, corked
 from istgt.iscsi.session import SessionRegistry
 from istgt.lu.backends import BackendError, FileBackend
 from istgt.lu.images import ImageBackend, image_location
+from istgt.lu.rbd import RbdBackend
+from istgt.lu.shared_reservations import SharedReservations
 from istgt.lu.copy_targets import CopyTargets
 from istgt.control.server import ControlServer
 from istgt.listen import listen_tcp
@@ -83,31 +85,41 @@ def _build_disk(lu_config, lun, state_directory: str | None):
     except BackendError as e:
         raise StartupError(f"LU{lu_config.number} ({lu_config.name}): {e}") from None
     state = journal = None
+    if isinstance(backend, RbdBackend):
+        try:       # gateways of one image share its reservations through the cluster
+            state = SharedReservations(backend)
+        except OSError as e:
+            backend.close()
+            raise StartupError(f"{where}: reservations in the cluster: {e}") from None
     if state_directory is not None:
         prefix = os.path.join(state_directory, f"{lu_config.name}.lun{lun.number}")
-        state = StateFile(f"{prefix}.pr.json")
-        if not lu_config.read_only:
+        state = state or StateFile(f"{prefix}.pr.json")
+        # WRITE ATOMIC's journal is a local file: not for an image other gateways write too
+        if not lu_config.read_only and not isinstance(backend, RbdBackend):
             try:
                 journal = AtomicWriteJournal(f"{prefix}.atomic")
             except OSError as e:
-                backend.close()
+                _close_stores(backend, None, state)
                 raise StartupError(f"{where}: atomic write journal {prefix}.atomic: "
                                    f"{e.strerror}") from None
     try:
         if getattr(lun, "provisioning", None) == "full":
             backend.preallocate()
-        return DiskDevice(lu_config, lun, backend, state, journal)
+        device = DiskDevice(lu_config, lun, backend, state, journal)
+        if isinstance(state, SharedReservations):
+            state.attach(device)
+        return device
     except BackendError as e:
-        _close_stores(backend, journal)
+        _close_stores(backend, journal, state)
         raise StartupError(f"{where}: Provisioning Full: {e}") from None
     except ProvisioningError as e:
-        _close_stores(backend, journal)
+        _close_stores(backend, journal, state)
         raise StartupError(f"{where}: {e}") from None
     except ValueError as e:
-        _close_stores(backend, journal)
+        _close_stores(backend, journal, state)
         raise StartupError(f"{where}: saved reservations unreadable: {e}") from None
     except OSError as e:
-        _close_stores(backend, journal)
+        _close_stores(backend, journal, state)
         raise StartupError(f"{where}: replaying the atomic write journal: {e}") from None
 
 
@@ -161,7 +173,7 @@ def open_dvd_image(path: str, size: int | None):
     return FileBackend.open(path, size, True, DVD_BLOCK)
 
 
-def _close_stores(backend, journal) -> None:
+def _close_stores(backend, journal, state) -> None:
     backend.close()
     if journal is not None:
         journal.close()

@@ -32,7 +32,21 @@ class _Libraries:
         ssize = ctypes.c_ssize_t
         pp = ctypes.POINTER(ctypes.c_void_p)
         self.diff_callback = ctypes.CFUNCTYPE(i, u64, sz, i, p)
+        self.watch_callback = ctypes.CFUNCTYPE(None, p, u64, u64, u64, p, sz)
+        self.watch_error_callback = ctypes.CFUNCTYPE(None, p, u64, i)
         signatures = [
+            (rados.rados_read, i, [p, c, p, sz, u64]),
+            (rados.rados_write_full, i, [p, c, p, sz]),
+            (rados.rados_append, i, [p, c, p, sz]),
+            (rados.rados_lock_exclusive, i, [p, c, c, c, c, p, ctypes.c_uint8]),
+            (rados.rados_unlock, i, [p, c, c, c]),
+            (rados.rados_watch2, i, [p, c, ctypes.POINTER(u64), self.watch_callback,
+                                     self.watch_error_callback, p]),
+            (rados.rados_unwatch2, i, [p, u64]),
+            (rados.rados_notify_ack, i, [p, c, u64, u64, p, i]),
+            (rados.rados_notify2, i, [p, c, p, i, u64, ctypes.POINTER(ctypes.c_void_p),
+                                      ctypes.POINTER(sz)]),
+            (rados.rados_buffer_free, None, [p]),
             (rados.rados_create, i, [pp, c]),
             (rados.rados_conf_read_file, i, [p, c]),
             (rados.rados_conf_set, i, [p, c, c]),
@@ -178,6 +192,11 @@ class RbdBackend:
             raise BackendError(path, problem)
         backend.size = wanted - wanted % block_length
         return backend
+
+    @property
+    def ioctx(self):
+        """The image's pool (and namespace) context, for state kept next to the image."""
+        return self._ioctx
 
     # --- reads and writes (the GIL is released inside each librbd call) ------------------------
 

@@ -12,7 +12,7 @@ Integration (what `DiskDevice` does):
         on_preempt_abort=...,    # (patterns: frozenset[ITNexus]) -> None, optional: abort
                                  # this LUN's tasks from those nexuses (called from the
                                  # worker running the PR OUT: it must not wait for it)
-        state_changed=...,       # () -> None after each change, optional (APTPL saving)
+        state_changed=...,       # (effects) -> None after each change, optional (APTPL saving)
         target_ports=...,        # () -> Mapping[relative port id, target port], optional
     )
     # In execute, after the unit-attention check and CDB validation, before the handler:
@@ -383,6 +383,28 @@ class _Effects:
     def unit_attention(self, registrations: list[Registration], asc: int) -> None:
         self.unit_attentions.extend((registration.pattern, asc) for registration in registrations)
 
+    def summary(self) -> dict:
+        """The unit attentions and aborts as JSON-safe lists (for other gateways)."""
+        return {"unit_attentions": [[*pattern, asc] for pattern, asc in self.unit_attentions],
+                "aborted": [list(pattern) for pattern in sorted(self.aborted)]}
+
+
+def effects_from_summary(summary: Mapping[str, Any]) -> tuple[list[tuple[ITNexus, int]],
+                                                              frozenset[ITNexus]]:
+    """What `_Effects.summary` encoded; ValueError if it is malformed."""
+    try:
+        attentions = [(ITNexus(str(i), str(t), int(r)), int(asc))
+                      for i, t, r, asc in summary.get("unit_attentions", [])]
+        aborted = frozenset(ITNexus(str(i), str(t), int(r))
+                            for i, t, r in summary.get("aborted", []))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"malformed reservation effects: {exc!r}") from None
+    return attentions, aborted
+
+
+EMPTY_SNAPSHOT = {"version": 1, "generation": 0, "aptpl": False, "registrations": [],
+                  "reservation": None}
+
 
 class _Conflict(Exception):
     """The command ends with RESERVATION CONFLICT status."""
@@ -410,7 +432,7 @@ class ReservationState:
         raise_ua: Callable[[ITNexus, int], None] | None = None,
         *,
         on_preempt_abort: Callable[[frozenset[ITNexus]], None] | None = None,
-        state_changed: Callable[[], None] | None = None,
+        state_changed: Callable[[dict], None] | None = None,
         target_ports: Callable[[], Mapping[int, str]] | None = None,
         max_registrations: int = MAX_REGISTRATIONS,
         aptpl_supported: bool = True,
@@ -906,7 +928,7 @@ class ReservationState:
             log.exception("persistent reservation callback failed")
         if effects.changed and self.state_changed is not None:
             try:
-                self.state_changed()
+                self.state_changed(effects.summary())
             except OSError as exc:
                 # the change is in effect but could not be made to persist: never GOOD then
                 log.error("persistent reservation state not saved: %s", exc)

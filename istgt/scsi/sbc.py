@@ -164,6 +164,7 @@ class DiskDevice:
         # (PREEMPT AND ABORT); it must not wait for the running PR OUT itself.
         self.abort_nexuses: Any = None
         self._pr_state = pr_state
+        self._refresh_reservations = getattr(pr_state, "refresh_if_stale", None)
         self.port_groups = alua.TargetPortGroups.of_unit(lu)
         self.reservations = pr.ReservationState(
             raise_ua=self._reservation_unit_attention,
@@ -189,6 +190,8 @@ class DiskDevice:
         task.sense = b""
         task.data_in = None
         try:
+            if self._refresh_reservations is not None:
+                self._refresh_reservations()     # a gateway whose cluster watch broke
             self._dispatch(task)
         except CheckCondition as condition:
             self._fail(task, condition)
@@ -255,6 +258,8 @@ class DiskDevice:
 
     def close(self) -> None:
         self.sanitizing.wait()   # an erase is never left half done by a clean shutdown
+        if hasattr(self._pr_state, "close"):
+            self._pr_state.close()       # the cluster watch goes before the image
         self.backend.close()
         if self.atomic_journal is not None:
             self.atomic_journal.close()
@@ -337,10 +342,24 @@ class DiskDevice:
                 if pr.nexus_matches(pattern, nexus) and asc not in pending:
                     pending.append(asc)
 
-    def _save_reservations(self) -> None:
+    def _save_reservations(self, effects: dict) -> None:
+        if getattr(self._pr_state, "shared", False):
+            # other gateways need every state, and the effects for their own nexuses
+            self._pr_state.save(self.reservations.snapshot, effects)
+            return
         # Keep or remove, decided from one snapshot under the file's lock: deciding first
         # let a save that decided before a concurrent APTPL=0 REGISTER write after its removal.
         self._pr_state.save(self._reservations_to_persist)
+
+    def apply_remote_reservations(self, snapshot: dict, effects: dict) -> None:
+        """Another gateway changed the persistent reservations of this LU: take its state
+        and deliver its unit attentions and aborts to this gateway's nexuses."""
+        self.reservations.restore(snapshot)
+        attentions, aborted = pr.effects_from_summary(effects)
+        for pattern, asc in attentions:
+            self._reservation_unit_attention(pattern, asc)
+        if aborted:
+            self._preempt_abort(aborted)
 
     def _reservations_to_persist(self) -> dict | None:
         snapshot = self.reservations.snapshot()
@@ -933,7 +952,13 @@ def persistent_reserve_in(device: DiskDevice, task: ScsiTask) -> None:
 
 
 def persistent_reserve_out(device: DiskDevice, task: ScsiTask) -> None:
-    device.reservations.persistent_reserve_out(task)
+    transaction = getattr(device._pr_state, "transaction", None)
+    if transaction is None:
+        device.reservations.persistent_reserve_out(task)
+        return
+    # Shared by several gateways: one PR OUT at a time in the cluster, on the latest state.
+    with transaction(device.reservations):
+        device.reservations.persistent_reserve_out(task)
 
 
 def reserve(device: DiskDevice, task: ScsiTask) -> None:

@@ -69,3 +69,58 @@ def test_two_gateways_on_one_image_see_each_others_writes(make_target, ceph_clus
     assert compare_and_write(two, 0, payload[:512], swapped).status == GOOD
     assert compare_and_write(one, 0, payload[:512], os.urandom(512)).status == CHECK_CONDITION
     assert one.read10(0, 1).data == swapped
+
+
+PR_OUT, PR_IN = 0x5F, 0x5E
+REGISTER, RESERVE, PREEMPT = 0x00, 0x01, 0x04
+WRITE_EXCLUSIVE = 0x1
+RESERVATION_CONFLICT = 0x18
+
+
+def pr_out(initiator, action, key=0, service_key=0, pr_type=0, aptpl=False):
+    data = struct.pack(">QQ4xBxH", key, service_key, 0x01 if aptpl else 0, 0)
+    cdb = struct.pack(">BBBxxIBB", PR_OUT, action, pr_type, len(data), 0, 0)[:10]
+    return initiator.scsi(cdb, data_out=data)
+
+
+def read_keys(initiator):
+    result = initiator.scsi(struct.pack(">BBxxxxxHB", PR_IN, 0, 4096, 0), read_length=4096)
+    assert result.status == GOOD
+    count = struct.unpack_from(">I", result.data, 4)[0] // 8
+    return sorted(struct.unpack_from(f">{count}Q", result.data, 8))
+
+
+def test_gateways_share_persistent_reservations(make_target, ceph_cluster):
+    """A registration made through one gateway is reported through the other, a reservation
+    taken through one is enforced by the other at once, and a preemption through one gives
+    the other gateway's initiator its unit attention."""
+    first = rbd_target(make_target, ceph_cluster, "prshared")
+    second = make_target(lun0_storage=f"rbd:rbd/prshared:conf={ceph_cluster.conf} Auto")
+    a = first.session(initiator_name="iqn.2024-01.org.example:host-a")
+    b = second.session(initiator_name="iqn.2024-01.org.example:host-b")
+    assert pr_out(a, REGISTER, service_key=0xA).status == GOOD
+    assert read_keys(b) == [0xA]
+    assert pr_out(b, REGISTER, service_key=0xB).status == GOOD
+    assert read_keys(a) == [0xA, 0xB]
+    assert pr_out(a, RESERVE, key=0xA, pr_type=WRITE_EXCLUSIVE).status == GOOD
+    c = second.session(initiator_name="iqn.2024-01.org.example:host-c")   # not registered
+    assert c.write10(0, bytes(512)).status == RESERVATION_CONFLICT
+    assert b.write10(0, bytes(512)).status == RESERVATION_CONFLICT         # registered only
+    assert a.write10(0, bytes(512)).status == GOOD
+    # host-b preempts host-a through the other gateway: host-a hears of it
+    assert pr_out(b, PREEMPT, key=0xB, service_key=0xA, pr_type=WRITE_EXCLUSIVE).status == GOOD
+    result = a.tur()
+    assert result.status == CHECK_CONDITION and sense_key(result.sense) == 0x06
+    assert asc_ascq(result.sense) == (0x2A, 0x05)                          # REGISTRATIONS PREEMPTED
+    assert read_keys(a) == [0xB]
+    assert a.write10(0, bytes(512)).status == RESERVATION_CONFLICT
+
+
+def test_reservations_survive_restarting_every_gateway_only_with_aptpl(make_target,
+                                                                       ceph_cluster):
+    for image, aptpl, kept in (("aptpl-on", True, [0x5]), ("aptpl-off", False, [])):
+        target = rbd_target(make_target, ceph_cluster, image)
+        assert pr_out(target.session(), REGISTER, service_key=0x5, aptpl=aptpl).status == GOOD
+        target.stop()
+        again = make_target(lun0_storage=f"rbd:rbd/{image}:conf={ceph_cluster.conf} Auto")
+        assert read_keys(again.session()) == kept, image

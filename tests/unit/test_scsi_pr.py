@@ -56,8 +56,9 @@ class Recorder:
     def abort(self, patterns: frozenset[ITNexus]) -> None:
         self.aborted.append(patterns)
 
-    def changed(self) -> None:
+    def changed(self, effects: dict) -> None:
         self.changes += 1
+        self.last_effects = effects
 
     def attentions_for(self, nexus: ITNexus) -> list[int]:
         return [asc for pattern, asc in self.unit_attentions if nexus_matches(pattern, nexus)]

@@ -1,0 +1,216 @@
+"""Persistent reservations of an RBD LU kept in the Ceph cluster, so that every gateway (a
+target process exporting the same image) enforces one state.
+
+The state is a JSON object `istgt.pr.<image>` next to the image (same pool and namespace).
+A PERSISTENT RESERVE OUT runs under a cluster lock on that object, on the state read from
+it, and its result is written back and announced with a RADOS notify that waits for every
+other gateway to acknowledge: each reloads the state (and takes the unit attentions and
+aborts meant for its own nexuses) before acknowledging, so when GOOD goes out the change is
+in force everywhere.
+
+A gateway that opens the LU while no other one is serving it is a power-on: the state is
+kept when APTPL is set and cleared otherwise (SPC-4 5.14.5). With another gateway alive
+(it answers the opening notify) the state is in use and is taken as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import logging
+import secrets
+import struct
+import threading
+import time
+
+from istgt.lu.rbd import RbdBackend, libraries
+from istgt.scsi import pr
+
+log = logging.getLogger("istgt.pr")
+
+LOCK_NAME = b"istgt.pr"
+LOCK_DURATION_S = 30            # a gateway that dies holding it frees it after this
+LOCK_WAIT_S = 10.0
+NOTIFY_TIMEOUT_MS = 5000
+MAX_STATE_BYTES = 4 << 20
+
+
+class _Timeval(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
+
+
+class SharedReservations:
+    """The StateFile of a DiskDevice whose reservations live in the cluster."""
+
+    shared = True
+
+    def __init__(self, backend: RbdBackend) -> None:
+        location = backend.location
+        self._ioctx = backend.ioctx
+        self._oid = f"istgt.pr.{location.image}".encode()
+        self._token = secrets.token_hex(8)      # tells our own notifications from others'
+        self._device = None
+        self._stale = threading.Event()         # the watch broke: reload before trusting
+        lib = libraries()
+        self._rados = lib.rados
+        # kept referenced: librados calls them from its own threads
+        self._on_notify = lib.watch_callback(self._notified)
+        self._on_error = lib.watch_error_callback(self._watch_failed)
+        self._rewatch_lock = threading.Lock()
+        self._watch = ctypes.c_uint64()
+        self._start_watch()
+
+    def _start_watch(self) -> None:
+        # only an existing object can be watched: appending nothing creates it, if missing
+        self._check(self._rados.rados_append(self._ioctx, self._oid, b"", 0), "create")
+        watch = ctypes.c_uint64()
+        self._check(self._rados.rados_watch2(self._ioctx, self._oid, ctypes.byref(watch),
+                                             self._on_notify, self._on_error, None), "watch")
+        self._watch = watch
+
+    def attach(self, device) -> None:
+        """The DiskDevice that takes other gateways' changes (apply_remote_reservations)."""
+        self._device = device
+
+    # --- the StateFile interface ---------------------------------------------------------------
+
+    def load(self) -> dict | None:
+        snapshot = self._read()
+        if snapshot is not None and not snapshot.get("aptpl") and not self._others_alive():
+            log.info("%s: reservations without APTPL cleared (no other gateway serves it)",
+                     self._oid.decode())
+            self._write(pr.EMPTY_SNAPSHOT)
+            return None
+        return snapshot
+
+    def save(self, produce, effects: dict | None = None) -> None:
+        """Write the state (inside a transaction) and wait for the other gateways to take
+        it; OSError if it cannot be written (the PR OUT then fails)."""
+        self._write(produce())
+        payload = json.dumps({"from": self._token, "effects": effects or {}}).encode()
+        self._notify(payload)
+
+    def remove(self) -> None:
+        self._write(pr.EMPTY_SNAPSHOT)
+
+    @contextlib.contextmanager
+    def transaction(self, reservations):
+        """One PR OUT at a time across the gateways, starting from the state in the
+        cluster. A lock that cannot be had in LOCK_WAIT_S ends the command BUSY."""
+        cookie = secrets.token_hex(8).encode()
+        self._lock(cookie)
+        try:
+            snapshot = self._read()
+            reservations.restore(snapshot if snapshot is not None else pr.EMPTY_SNAPSHOT)
+            self._stale.clear()
+            yield
+        finally:
+            self._rados.rados_unlock(self._ioctx, self._oid, LOCK_NAME, cookie)
+
+    def refresh_if_stale(self) -> None:
+        """Before a command: after a broken watch, watch again and reload (OSError: the
+        command fails rather than run on a state that may be old)."""
+        if not self._stale.is_set() or self._device is None:
+            return
+        with self._rewatch_lock:
+            if not self._stale.is_set():
+                return
+            self.close()
+            self._start_watch()
+            snapshot = self._read()
+            self._device.apply_remote_reservations(snapshot or pr.EMPTY_SNAPSHOT, {})
+            self._stale.clear()
+            log.info("%s: watching again, reservations reloaded", self._oid.decode())
+
+    def close(self) -> None:
+        if self._watch.value:
+            self._rados.rados_unwatch2(self._ioctx, self._watch.value)
+            self._watch = ctypes.c_uint64()
+
+    # --- RADOS -----------------------------------------------------------------------------
+
+    def _lock(self, cookie: bytes) -> None:
+        duration = _Timeval(LOCK_DURATION_S, 0)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            result = self._rados.rados_lock_exclusive(self._ioctx, self._oid, LOCK_NAME, cookie,
+                                                      b"istgt PERSISTENT RESERVE OUT",
+                                                      ctypes.byref(duration), 0)
+            if result == 0:
+                return
+            if result != -errno.EBUSY or time.monotonic() > deadline:
+                self._check(result, "lock")
+            time.sleep(0.005)
+
+    def _read(self) -> dict | None:
+        buffer = ctypes.create_string_buffer(MAX_STATE_BYTES)
+        count = self._rados.rados_read(self._ioctx, self._oid, buffer, MAX_STATE_BYTES, 0)
+        if count == -errno.ENOENT or count == 0:
+            return None
+        self._check(count, "read")
+        try:
+            return json.loads(buffer.raw[:count])
+        except ValueError as exc:
+            raise OSError(errno.EIO, f"{self._oid.decode()}: unreadable state: {exc}") from None
+
+    def _write(self, snapshot: dict) -> None:
+        data = json.dumps(snapshot, sort_keys=True).encode()
+        self._check(self._rados.rados_write_full(self._ioctx, self._oid, data, len(data)),
+                    "write")
+
+    def _notify(self, payload: bytes) -> bytes:
+        reply, length = ctypes.c_void_p(), ctypes.c_size_t()
+        result = self._rados.rados_notify2(self._ioctx, self._oid, payload, len(payload),
+                                           NOTIFY_TIMEOUT_MS, ctypes.byref(reply),
+                                           ctypes.byref(length))
+        try:
+            data = ctypes.string_at(reply, length.value) if reply.value else b""
+        finally:
+            if reply.value:
+                self._rados.rados_buffer_free(reply)
+        if result == -errno.ETIMEDOUT:
+            # a gateway that does not answer has a broken watch: it reloads before it
+            # serves again (_watch_failed), so the change stands
+            log.warning("%s: a gateway did not acknowledge a reservation change",
+                        self._oid.decode())
+            return data
+        self._check(result, "notify")
+        return data
+
+    def _others_alive(self) -> bool:
+        """Whether another gateway acknowledges a notify on the state object."""
+        payload = json.dumps({"from": self._token, "hello": True}).encode()
+        reply = self._notify(payload)
+        if len(reply) < 4:
+            return False
+        acks = struct.unpack_from("<I", reply)[0]
+        return acks > 1                   # our own watch acknowledges too
+
+    def _notified(self, _arg, notify_id, handle, _notifier, data, length) -> None:
+        """From a librados thread: take another gateway's change, then acknowledge."""
+        try:
+            message = json.loads(ctypes.string_at(data, length)) if length else {}
+            if message.get("from") != self._token and not message.get("hello"):
+                snapshot = self._read()
+                if self._device is not None:
+                    self._device.apply_remote_reservations(snapshot or pr.EMPTY_SNAPSHOT,
+                                                           message.get("effects", {}))
+        except (OSError, ValueError) as exc:
+            log.error("%s: reservation change from another gateway not taken: %s",
+                      self._oid.decode(), exc)
+            self._stale.set()
+        finally:
+            self._rados.rados_notify_ack(self._ioctx, self._oid, notify_id, handle, None, 0)
+
+    def _watch_failed(self, _arg, _cookie, error) -> None:
+        log.error("%s: watch failed (%s); the state is reloaded before the next command",
+                  self._oid.decode(), -error)
+        self._stale.set()
+
+    def _check(self, result: int, what: str) -> int:
+        if result < 0:
+            raise OSError(-result, f"{self._oid.decode()}: {what}: "
+                                   f"{errno.errorcode.get(-result, -result)}")
+        return result
