@@ -17,6 +17,7 @@ from istgt.lu.backends import BackendError, FileBackend
 from istgt.lu.images import ImageBackend, image_location
 from istgt.lu.rbd import RbdBackend
 from istgt.lu.shared_reservations import SharedReservations
+from istgt.scsi.alua import GatewayPortGroups
 from istgt.lu.copy_targets import CopyTargets
 from istgt.control.server import ControlServer
 from istgt.listen import listen_tcp
@@ -108,6 +109,8 @@ def _build_disk(lu_config, lun, state_directory: str | None):
         device = DiskDevice(lu_config, lun, backend, state, journal)
         if isinstance(state, SharedReservations):
             state.attach(device)
+            device.port_groups = GatewayPortGroups(
+                device.port_groups.target_name, device.port_groups.tags, state.live_groups)
         return device
     except BackendError as e:
         _close_stores(backend, journal, state)

@@ -86,6 +86,8 @@ osd pool default size = 1
 osd pool default min size = 1
 osd pool default pg autoscale mode = off
 osd crush chooseleaf type = 0
+# a killed gateway's watch lapses in 10 s rather than 30 (failover tests)
+osd client watch timeout = 10
 osd objectstore = memstore
 memstore device bytes = {memory_mib << 20}
 run dir = {d}/run

@@ -112,6 +112,9 @@ class _Cluster:
             for option in ("rados_osd_op_timeout", "rados_mon_op_timeout",
                            "client_mount_timeout"):
                 lib.rados_conf_set(handle, option.encode(), RADOS_TIMEOUT_S.encode())
+            # No client-side write-back cache: a write is in the cluster when it is
+            # acknowledged, so a gateway that dies loses nothing another gateway must see.
+            _check(lib.rados_conf_set(handle, b"rbd_cache", b"false"), "rbd_cache")
             _check(lib.rados_connect(handle), "connecting to the cluster")
         except OSError:
             lib.rados_shutdown(handle)

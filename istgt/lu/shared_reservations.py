@@ -1,5 +1,6 @@
-"""Persistent reservations of an RBD LU kept in the Ceph cluster, so that every gateway (a
-target process exporting the same image) enforces one state.
+"""What the gateways of one RBD image (target processes exporting it as one LU) share
+through the Ceph cluster: the persistent reservations, LOGICAL UNIT RESETs, and which
+gateways are alive (a roll call answered with their target port groups, for ALUA).
 
 The state is a JSON object `istgt.pr.<image>` next to the image (same pool and namespace).
 A PERSISTENT RESERVE OUT runs under a cluster lock on that object, on the state read from
@@ -37,6 +38,26 @@ NOTIFY_TIMEOUT_MS = 5000
 MAX_STATE_BYTES = 4 << 20
 
 
+ROLL_CALL_TIMEOUT_MS = 1000
+ROLL_CALL_CACHE_S = 2.0
+
+
+def _ack_payloads(reply: bytes) -> list[bytes]:
+    """The acknowledgers' payloads in a notify reply: le32 count, then per ack le64 gid,
+    le64 cookie, le32 length and the payload (then the timed-out watchers, unused here)."""
+    if len(reply) < 4:
+        return []
+    count, = struct.unpack_from("<I", reply)
+    position, payloads = 4, []
+    for _ in range(count):
+        if position + 20 > len(reply):
+            break
+        size, = struct.unpack_from("<I", reply, position + 16)
+        payloads.append(reply[position + 20:position + 20 + size])
+        position += 20 + size
+    return payloads
+
+
 class _Timeval(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
 
@@ -59,6 +80,9 @@ class SharedReservations:
         self._on_notify = lib.watch_callback(self._notified)
         self._on_error = lib.watch_error_callback(self._watch_failed)
         self._rewatch_lock = threading.Lock()
+        self._own_groups: list[int] = []
+        self._roll_call: list[int] = []
+        self._roll_call_at = -ROLL_CALL_CACHE_S
         self._watch = ctypes.c_uint64()
         self._start_watch()
 
@@ -71,8 +95,25 @@ class SharedReservations:
         self._watch = watch
 
     def attach(self, device) -> None:
-        """The DiskDevice that takes other gateways' changes (apply_remote_reservations)."""
+        """The DiskDevice that takes other gateways' changes (apply_remote_reservations);
+        its target port groups are what this gateway answers to a roll call."""
         self._device = device
+        self._own_groups = list(device.port_groups.tags)
+
+    def live_groups(self) -> list[int]:
+        """The target port groups of every gateway that answers a roll call now (kept for
+        ROLL_CALL_CACHE_S: path checkers ask often, a dead gateway delays the answer)."""
+        now = time.monotonic()
+        if now - self._roll_call_at > ROLL_CALL_CACHE_S:
+            payload = json.dumps({"from": self._token, "rollcall": True}).encode()
+            groups = set(self._own_groups)
+            try:
+                for answer in _ack_payloads(self._notify(payload, ROLL_CALL_TIMEOUT_MS)):
+                    groups.update(int(g) for g in json.loads(answer).get("groups", []))
+            except (OSError, ValueError) as exc:
+                log.warning("%s: roll call of the gateways failed: %s", self._oid.decode(), exc)
+            self._roll_call, self._roll_call_at = sorted(groups), now
+        return self._roll_call
 
     # --- the StateFile interface ---------------------------------------------------------------
 
@@ -91,6 +132,15 @@ class SharedReservations:
         self._write(produce())
         payload = json.dumps({"from": self._token, "effects": effects or {}}).encode()
         self._notify(payload)
+
+    def announce_reset(self) -> None:
+        """A LOGICAL UNIT RESET here: the other gateways reset the LU for their nexuses
+        before this returns (a gateway that cannot be told is only logged)."""
+        try:
+            self._notify(json.dumps({"from": self._token, "reset": "lun"}).encode())
+        except OSError as exc:
+            log.error("%s: LU reset not passed to the other gateways: %s",
+                      self._oid.decode(), exc)
 
     def remove(self) -> None:
         self._write(pr.EMPTY_SNAPSHOT)
@@ -160,10 +210,10 @@ class SharedReservations:
         self._check(self._rados.rados_write_full(self._ioctx, self._oid, data, len(data)),
                     "write")
 
-    def _notify(self, payload: bytes) -> bytes:
+    def _notify(self, payload: bytes, timeout_ms: int = NOTIFY_TIMEOUT_MS) -> bytes:
         reply, length = ctypes.c_void_p(), ctypes.c_size_t()
         result = self._rados.rados_notify2(self._ioctx, self._oid, payload, len(payload),
-                                           NOTIFY_TIMEOUT_MS, ctypes.byref(reply),
+                                           timeout_ms, ctypes.byref(reply),
                                            ctypes.byref(length))
         try:
             data = ctypes.string_at(reply, length.value) if reply.value else b""
@@ -190,9 +240,15 @@ class SharedReservations:
 
     def _notified(self, _arg, notify_id, handle, _notifier, data, length) -> None:
         """From a librados thread: take another gateway's change, then acknowledge."""
+        answer = b""
         try:
             message = json.loads(ctypes.string_at(data, length)) if length else {}
-            if message.get("from") != self._token and not message.get("hello"):
+            if message.get("rollcall"):
+                answer = json.dumps({"groups": self._own_groups}).encode()
+            elif message.get("reset") and message.get("from") != self._token:
+                if self._device is not None:
+                    self._device.reset_by_peer()
+            elif message.get("from") != self._token and not message.get("hello"):
                 snapshot = self._read()
                 if self._device is not None:
                     self._device.apply_remote_reservations(snapshot or pr.EMPTY_SNAPSHOT,
@@ -202,7 +258,8 @@ class SharedReservations:
                       self._oid.decode(), exc)
             self._stale.set()
         finally:
-            self._rados.rados_notify_ack(self._ioctx, self._oid, notify_id, handle, None, 0)
+            self._rados.rados_notify_ack(self._ioctx, self._oid, notify_id, handle, answer,
+                                         len(answer))
 
     def _watch_failed(self, _arg, _cookie, error) -> None:
         log.error("%s: watch failed (%s); the state is reloaded before the next command",

@@ -59,8 +59,7 @@ class LogicalUnit:
         self._pool = WorkerPool(f"LU{self.number}", self._queue, self._execute, workers,
                                 completion_batch, executed=self._count)
         for device in devices.values():
-            if hasattr(device, "abort_nexuses"):
-                device.abort_nexuses = self._abort_preempted
+            self._hook(device)
         self._pool.start()
 
     # ---- execution
@@ -159,6 +158,16 @@ class LogicalUnit:
         for e in removed:
             e.done(e.task, True)
 
+    def _hook(self, device) -> None:
+        """Let a device abort this LU's tasks: PREEMPT AND ABORT, and a LOGICAL UNIT RESET
+        another gateway of a shared image received."""
+        if hasattr(device, "abort_nexuses"):
+            device.abort_nexuses = self._abort_preempted
+            device.abort_lun_tasks = self._abort_lun
+
+    def _abort_lun(self, lun: int) -> None:
+        self.abort_now(lambda t: t.lun == lun)
+
     def _abort_preempted(self, lun: int, patterns) -> None:
         """PREEMPT AND ABORT: drop the preempted nexuses' tasks on `lun` without waiting
         (it runs on the worker executing the PR OUT)."""
@@ -209,8 +218,7 @@ class LogicalUnit:
                 self.abort(lambda t, lun=lun: t.lun == lun)
                 taken.append(self.devices.pop(lun))
         for lun, device in sorted(built.items()):
-            if hasattr(device, "abort_nexuses"):
-                device.abort_nexuses = self._abort_preempted
+            self._hook(device)
             self.devices[lun] = device
         self.config = config
         self.number = config.number

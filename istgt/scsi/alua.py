@@ -6,13 +6,16 @@ a portal group tag. Each portal group an LU is mapped to is one target port, and
 own target port group: relative target port identifier = target port group = portal group
 tag (1..65535, never 0). Every group is active/optimized all the time; the states never
 change, so the asymmetry is implicit only (TPGS 01b) and no transition is ever reported.
+The exception is an LU several gateways export from one shared image (GatewayPortGroups):
+there the lowest live gateway's group is active/optimized and the others active/non-optimized,
+and the states follow the gateways that answer (implicit transitions, not reported by UA).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from istgt.scsi import spc
@@ -24,7 +27,9 @@ TPGS_IMPLICIT = 0b01
 REPORT_TARGET_PORT_GROUPS = 0x0A
 
 STATE_ACTIVE_OPTIMIZED = 0x0
-SUPPORTS_ACTIVE_OPTIMIZED = 0x01  # AO_SUP; no other state is ever entered
+STATE_ACTIVE_NON_OPTIMIZED = 0x1
+SUPPORTS_ACTIVE_OPTIMIZED = 0x01      # AO_SUP
+SUPPORTS_ACTIVE_NON_OPTIMIZED = 0x02  # AN_SUP (gateways of a shared image)
 STATUS_NO_STATUS = 0x00
 
 FORMAT_LENGTH_ONLY = 0b000
@@ -65,13 +70,41 @@ class TargetPortGroups:
         """The groups to report: the mapped ones, and always the one the command came in on."""
         return tuple(sorted({*self.tags, self.group_of(nexus)}))
 
+    def states_seen_from(self, nexus: ITNexus) -> list[tuple[int, int, int]]:
+        """(group, asymmetric access state, supported states) of each group to report."""
+        return [(group, STATE_ACTIVE_OPTIMIZED, SUPPORTS_ACTIVE_OPTIMIZED)
+                for group in self.groups_seen_from(nexus)]
 
-def port_group_descriptor(group: int, relative_port_ids: Iterable[int]) -> bytes:
+
+@dataclass(frozen=True)
+class GatewayPortGroups(TargetPortGroups):
+    """The target ports of an LU several gateways (target processes) export from one shared
+    image: every live gateway's groups, as `live_groups()` finds them in the cluster. The
+    lowest live group is active/optimized, the others active/non-optimized, so multipath
+    initiators use one gateway and fail over to the next when it stops answering."""
+
+    live_groups: Callable[[], Iterable[int]] = field(default=lambda: (), compare=False)
+
+    def groups_seen_from(self, nexus: ITNexus) -> tuple[int, ...]:
+        return tuple(sorted({*self.tags, self.group_of(nexus), *self.live_groups()}))
+
+    def states_seen_from(self, nexus: ITNexus) -> list[tuple[int, int, int]]:
+        live = set(self.live_groups()) or set(self.tags)
+        optimized = min(live)
+        supported = SUPPORTS_ACTIVE_OPTIMIZED | SUPPORTS_ACTIVE_NON_OPTIMIZED
+        return [(group, STATE_ACTIVE_OPTIMIZED if group == optimized
+                 else STATE_ACTIVE_NON_OPTIMIZED, supported)
+                for group in self.groups_seen_from(nexus)]
+
+
+def port_group_descriptor(group: int, relative_port_ids: Iterable[int],
+                          state: int = STATE_ACTIVE_OPTIMIZED,
+                          supported: int = SUPPORTS_ACTIVE_OPTIMIZED) -> bytes:
     ports = tuple(relative_port_ids)
     header = struct.pack(
         ">BBHxBxB",
-        STATE_ACTIVE_OPTIMIZED,  # PREF=0
-        SUPPORTS_ACTIVE_OPTIMIZED,
+        state,  # PREF=0
+        supported,
         group,
         STATUS_NO_STATUS,
         len(ports),
@@ -79,9 +112,14 @@ def port_group_descriptor(group: int, relative_port_ids: Iterable[int]) -> bytes
     return header + b"".join(struct.pack(">xxH", port) for port in ports)
 
 
-def report_data(groups: Iterable[int], extended: bool) -> bytes:
-    """REPORT TARGET PORT GROUPS parameter data: one group per port, the port's id = group."""
-    body = b"".join(port_group_descriptor(group, (group,)) for group in groups)
+def report_data(groups: Iterable[int | tuple[int, int, int]], extended: bool) -> bytes:
+    """REPORT TARGET PORT GROUPS parameter data: one group per port, the port's id = group;
+    a group is its number (active/optimized) or (group, state, supported states)."""
+    body = b""
+    for item in groups:
+        group, state, supported = item if isinstance(item, tuple) else (
+            item, STATE_ACTIVE_OPTIMIZED, SUPPORTS_ACTIVE_OPTIMIZED)
+        body += port_group_descriptor(group, (group,), state, supported)
     if extended:
         body = struct.pack(">BBxx", FORMAT_EXTENDED << 4, IMPLICIT_TRANSITION_SECONDS) + body
     # RETURN DATA LENGTH counts every byte after itself (the extended header too).
@@ -93,7 +131,7 @@ def report_target_port_groups(device: Any, task: ScsiTask) -> None:
     parameter_format = cdb[1] >> 5
     if parameter_format not in (FORMAT_LENGTH_ONLY, FORMAT_EXTENDED):
         raise invalid_field_in_cdb(1, 7)
-    groups = device.port_groups.groups_seen_from(task.nexus)
+    groups = device.port_groups.states_seen_from(task.nexus)
     data = report_data(groups, extended=parameter_format == FORMAT_EXTENDED)
     spc.respond(task, data, u32(cdb, 6))
 

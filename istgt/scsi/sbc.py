@@ -163,6 +163,7 @@ class DiskDevice:
         # Set by the owning LogicalUnit: abort this LUN's tasks from the given nexus patterns
         # (PREEMPT AND ABORT); it must not wait for the running PR OUT itself.
         self.abort_nexuses: Any = None
+        self.abort_lun_tasks: Any = None      # (lun) -> None, set by the LogicalUnit too
         self._pr_state = pr_state
         self._refresh_reservations = getattr(pr_state, "refresh_if_stale", None)
         self.port_groups = alua.TargetPortGroups.of_unit(lu)
@@ -225,13 +226,18 @@ class DiskDevice:
         self.reservations.nexus_lost(nexus)
         self.copy_results.forget(nexus)
 
-    def reset(self, kind: ResetKind | str = ResetKind.LOGICAL_UNIT) -> None:
+    def reset(self, kind: ResetKind | str = ResetKind.LOGICAL_UNIT,
+              from_peer: bool = False) -> None:
         """A LOGICAL UNIT RESET / target reset: every I_T nexus, the one that asked for it
         included, gets the reset's unit attention (SAM-5 reset semantics: a reset is an event
         of the logical unit, unlike MODE SELECT whose issuer is spared). `kind` is a
-        ResetKind or one of "lun", "warm", "cold", "power_on"."""
+        ResetKind or one of "lun", "warm", "cold", "power_on". A LOGICAL UNIT RESET of an
+        image other gateways export reaches their nexuses too (`from_peer`: it came from one)."""
         if isinstance(kind, str):
             kind = _RESET_NAMES[kind.lower()]
+        if kind is ResetKind.LOGICAL_UNIT and not from_peer and \
+                hasattr(self._pr_state, "announce_reset"):
+            self._pr_state.announce_reset()
         self.mode_pages.reset()
         try:
             self.flush()
@@ -350,6 +356,12 @@ class DiskDevice:
         # Keep or remove, decided from one snapshot under the file's lock: deciding first
         # let a save that decided before a concurrent APTPL=0 REGISTER write after its removal.
         self._pr_state.save(self._reservations_to_persist)
+
+    def reset_by_peer(self) -> None:
+        """Another gateway of this shared image received a LOGICAL UNIT RESET."""
+        if self.abort_lun_tasks is not None:
+            self.abort_lun_tasks(self.lun_number)
+        self.reset(ResetKind.LOGICAL_UNIT, from_peer=True)
 
     def apply_remote_reservations(self, snapshot: dict, effects: dict) -> None:
         """Another gateway changed the persistent reservations of this LU: take its state
