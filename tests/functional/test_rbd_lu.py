@@ -119,8 +119,16 @@ def test_gateways_share_persistent_reservations(make_target, ceph_cluster):
 def test_reservations_survive_restarting_every_gateway_only_with_aptpl(make_target,
                                                                        ceph_cluster):
     for image, aptpl, kept in (("aptpl-on", True, [0x5]), ("aptpl-off", False, [])):
-        target = rbd_target(make_target, ceph_cluster, image)
-        assert pr_out(target.session(), REGISTER, service_key=0x5, aptpl=aptpl).status == GOOD
-        target.stop()
-        again = make_target(lun0_storage=f"rbd:rbd/{image}:conf={ceph_cluster.conf} Auto")
-        assert read_keys(again.session()) == kept, image
+        location = f"rbd:rbd/{image}:conf={ceph_cluster.conf}"
+        gateways = [make_target(lun0_storage=f"{location} 16MB"),
+                    make_target(lun0_storage=f"{location} Auto")]
+        assert pr_out(gateways[0].session(), REGISTER, service_key=0x5,
+                      aptpl=aptpl).status == GOOD
+        assert read_keys(gateways[1].session()) == [0x5]
+        gateways[0].stop()                  # one gateway restarts while the other serves:
+        gateways[0] = make_target(lun0_storage=f"{location} Auto")    # the state stays
+        assert read_keys(gateways[0].session()) == [0x5], image
+        for gateway in gateways:            # then every gateway stops: a power-on
+            gateway.stop()
+        again = [make_target(lun0_storage=f"{location} Auto") for _ in range(2)]
+        assert [read_keys(g.session()) for g in again] == [kept, kept], image
