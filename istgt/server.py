@@ -86,7 +86,7 @@ def _build_disk(lu_config, lun, state_directory: str | None):
     except BackendError as e:
         raise StartupError(f"LU{lu_config.number} ({lu_config.name}): {e}") from None
     state = journal = None
-    if isinstance(backend, RbdBackend):
+    if isinstance(backend, RbdBackend) and not backend.location.snapshot:
         try:       # gateways of one image share its reservations through the cluster
             state = SharedReservations(backend)
         except OSError as e:
@@ -123,7 +123,9 @@ def _build_disk(lu_config, lun, state_directory: str | None):
         raise StartupError(f"{where}: saved reservations unreadable: {e}") from None
     except OSError as e:
         _close_stores(backend, journal, state)
-        raise StartupError(f"{where}: replaying the atomic write journal: {e}") from None
+        what = "reservations in the cluster" if isinstance(state, SharedReservations) else \
+            "replaying the atomic write journal"
+        raise StartupError(f"{where}: {what}: {e}") from None
 
 
 def build_device(lu_config, lun, state_directory: str | None):
@@ -176,7 +178,9 @@ def open_dvd_image(path: str, size: int | None):
     return FileBackend.open(path, size, True, DVD_BLOCK)
 
 
-def _close_stores(backend, journal, state) -> None:
+def _close_stores(backend, journal, state=None) -> None:
+    if hasattr(state, "close"):
+        state.close()              # a cluster watch goes before its image's handles
     backend.close()
     if journal is not None:
         journal.close()

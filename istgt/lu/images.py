@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 
 from istgt.lu import nbd
 from istgt.lu.backends import BackendError
@@ -167,6 +168,13 @@ class ImageBackend:
         self.size = size
         self.read_only = read_only
         self._client = client
+        # Written since the last FLUSH: what a daemon that dies takes with it (qcow2
+        # metadata). Its death then reaches the LU's nexuses as a power-on attention.
+        self._count_lock = threading.Lock()
+        self._completed_writes = 0        # guarded by _count_lock
+        self._flushed_writes = 0          # completed before a FLUSH that succeeded
+        self.on_cache_lost = None         # set by the device: () -> None
+        daemon.add_restart_listener(self._daemon_died)
         flags = client.export.flags
         self._fua = bool(flags & nbd.FLAG_SEND_FUA)
         self.supports_unmap = bool(flags & nbd.FLAG_SEND_WRITE_ZEROES) and not read_only
@@ -234,6 +242,7 @@ class ImageBackend:
     def write(self, offset: int, data) -> None:
         if len(data):
             self._client.request(nbd.CMD_WRITE, offset, len(data), payload=data)
+            self._completed()
 
     def write_durable(self, offset: int, data) -> None:
         if not self._fua:
@@ -241,6 +250,16 @@ class ImageBackend:
             self.flush()
             return
         self._client.request(nbd.CMD_WRITE, offset, len(data), nbd.CMD_FLAG_FUA, payload=data)
+
+    def _completed(self) -> None:
+        with self._count_lock:
+            self._completed_writes += 1
+
+    def _daemon_died(self) -> None:
+        with self._count_lock:
+            lost = self._completed_writes > self._flushed_writes
+        if lost and self.on_cache_lost is not None:
+            self.on_cache_lost()
 
     def write_zeroes(self, offset: int, length: int, durable: bool = False) -> None:
         self._zeroes(offset, length, nbd.CMD_FLAG_NO_HOLE, durable)
@@ -255,13 +274,19 @@ class ImageBackend:
         while done < length:
             count = min(_ZEROES_CHUNK, length - done)
             self._client.request(nbd.CMD_WRITE_ZEROES, offset + done, count, flags)
+            if not flags & nbd.CMD_FLAG_FUA:
+                self._completed()
             done += count
         if durable and not self._fua:
             self.flush()
 
     def flush(self) -> None:
         if not self.read_only:
+            with self._count_lock:
+                covered = self._completed_writes   # a FLUSH covers what completed before it
             self._client.request(nbd.CMD_FLUSH, 0, 0)
+            with self._count_lock:
+                self._flushed_writes = max(self._flushed_writes, covered)
 
     # --- provisioning and size -----------------------------------------------------------------
 
@@ -286,5 +311,6 @@ class ImageBackend:
             if not self.read_only:
                 client.request(nbd.CMD_FLUSH, 0, 0)
         finally:
+            daemon.remove_restart_listener(self._daemon_died)
             client.close()
             daemon.release(self.location.key)

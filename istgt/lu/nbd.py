@@ -261,16 +261,21 @@ class NbdClient:
             pass
 
     def _read_replies(self) -> None:
-        while True:
-            try:
-                self._serve_replies()
-            except (OSError, struct.error, ValueError) as exc:
-                if self._closing:
-                    break
-                log.warning("NBD export %s: connection lost (%s); reconnecting", self.name, exc)
-                if not self._recover():
-                    break
-        self._fail_all(errno.ESHUTDOWN)
+        try:
+            while True:
+                try:
+                    self._serve_replies()
+                except (OSError, struct.error, ValueError) as exc:
+                    if self._closing:
+                        break
+                    log.warning("NBD export %s: connection lost (%s); reconnecting",
+                                self.name, exc)
+                    if not self._recover():
+                        break
+        except Exception:                      # never leave a waiter without an answer
+            log.exception("NBD export %s: reply reader failed", self.name)
+        finally:
+            self._fail_all(errno.ESHUTDOWN)
 
     def _serve_replies(self) -> None:
         sock = self._sock
@@ -298,20 +303,30 @@ class NbdClient:
                 if self._reconnect is not None:
                     self._reconnect()
                 sock = self._open()
-            except OSError as exc:
+            except (OSError, struct.error, ValueError) as exc:
                 log.warning("NBD export %s: reconnect failed: %s", self.name, exc)
                 time.sleep(0.5)
                 continue
             with self._lock:
                 old, self._sock = self._sock, sock
                 old.close()
-                for cookie in sorted(self._pending):
-                    self._send(self._pending[cookie])
+                unanswered = [self._pending[cookie] for cookie in sorted(self._pending)]
+            # Sent again by another thread: this one must go back to reading replies at
+            # once, or a server that stops reading while its replies wait would block both.
+            threading.Thread(target=self._send_again, args=(unanswered,),
+                             name=f"nbd-resend-{self.name}", daemon=True).start()
             log.warning("NBD export %s: reconnected, %d requests sent again", self.name,
-                        len(self._pending))
+                        len(unanswered))
             return True
         log.error("NBD export %s: gave up reconnecting", self.name)
         return False
+
+    def _send_again(self, unanswered: list[_Pending]) -> None:
+        for pending in unanswered:
+            with self._lock:
+                if self._closing:
+                    return
+                self._send(pending)
 
     def _fail_all(self, error: int) -> None:
         with self._lock:

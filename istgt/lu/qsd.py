@@ -48,12 +48,17 @@ class _Qmp:
 
     def __init__(self, path: str) -> None:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(QMP_TIMEOUT_S)
-        self._sock.connect(path)
-        self._file = self._sock.makefile("rb")
-        self._lock = threading.Lock()
-        self._read()                                   # the greeting
-        self.execute("qmp_capabilities")
+        self._file = None
+        try:
+            self._sock.settimeout(QMP_TIMEOUT_S)
+            self._sock.connect(path)
+            self._file = self._sock.makefile("rb")
+            self._lock = threading.Lock()
+            self._read()                                   # the greeting
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self.close()
+            raise
 
     def _read(self) -> dict:
         line = self._file.readline()
@@ -75,7 +80,8 @@ class _Qmp:
                     raise StorageDaemonError(0, answer["error"].get("desc", str(answer)))
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         self._sock.close()
 
 
@@ -105,6 +111,7 @@ class StorageDaemon:
         self._directory: str | None = None
         self._ready = threading.Event()
         self._stopping = False
+        self._restart_listeners: list = []
         self.restarts = 0
 
     @property
@@ -124,14 +131,21 @@ class StorageDaemon:
             export = self._exports.get(key)
             if export is None:
                 if self._process is None:
-                    self._start()
+                    try:
+                        self._start()
+                    except (OSError, ValueError) as exc:
+                        if isinstance(exc, StorageDaemonError):
+                            raise
+                        raise StorageDaemonError(0, f"{BINARY}: {exc}") from None
                 export = _Export(f"lun{next(self._numbers)}", key, nodes, read_only)
                 try:
                     self._add(export, describe)
-                except StorageDaemonError:
+                except (OSError, ValueError) as exc:
                     if not self._exports:
                         self._stop()          # started for this image alone
-                    raise
+                    if isinstance(exc, StorageDaemonError):
+                        raise
+                    raise StorageDaemonError(0, f"{describe}: {BINARY}: {exc}") from None
                 self._exports[key] = export
             elif export.read_only and not read_only:
                 raise StorageDaemonError(0, f"{describe}: already exported read-only")
@@ -267,7 +281,7 @@ class StorageDaemon:
             return
         outcome.put(None)
         process = self._process
-        while True:
+        while process is not None:
             status = process.wait()
             with self._lock:
                 if self._stopping or self._process is not process:
@@ -277,17 +291,43 @@ class StorageDaemon:
                 log.error("%s (pid %d) exited with status %d%s; starting it again", BINARY,
                           process.pid, status, f": {error}" if error else "")
                 self.restarts += 1
+                for callback in list(self._restart_listeners):
+                    callback()             # what the dead daemon held in memory is gone
+            process = self._restart(process)
+
+    def _restart(self, dead: subprocess.Popen) -> subprocess.Popen | None:
+        """Start the daemon again with every export, retrying each second until it works
+        or the daemon is stopped; the running process, or None when stopped."""
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return None
                 try:
-                    self._qmp.close()
+                    if self._qmp is not None:
+                        self._qmp.close()
+                        self._qmp = None
                     self._spawn()
                     for export in self._exports.values():
                         self._add(export, export.key)
-                except OSError as exc:
+                    self._ready.set()
+                    return self._process
+                except (OSError, ValueError) as exc:
                     log.error("%s could not be started again: %s", BINARY, exc)
-                    time.sleep(1)
-                    continue
-                process = self._process
-                self._ready.set()
+                    if self._process is not dead and self._process is not None:
+                        self._process.kill()         # half set up: start over
+                        self._process.wait()
+                    self._process = dead
+            time.sleep(1)
+
+    def add_restart_listener(self, callback) -> None:
+        """`callback()` runs (under the daemon's lock) each time the daemon died."""
+        with self._lock:
+            self._restart_listeners.append(callback)
+
+    def remove_restart_listener(self, callback) -> None:
+        with self._lock:
+            if callback in self._restart_listeners:
+                self._restart_listeners.remove(callback)
 
     def wait_ready(self) -> None:
         """For NBD clients whose connection broke: return once the exports are back."""

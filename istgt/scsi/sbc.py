@@ -164,6 +164,8 @@ class DiskDevice:
         # (PREEMPT AND ABORT); it must not wait for the running PR OUT itself.
         self.abort_nexuses: Any = None
         self.abort_lun_tasks: Any = None      # (lun) -> None, set by the LogicalUnit too
+        if hasattr(backend, "on_cache_lost"):
+            backend.on_cache_lost = self._cache_lost
         self._pr_state = pr_state
         self._refresh_reservations = getattr(pr_state, "refresh_if_stale", None)
         self.port_groups = alua.TargetPortGroups.of_unit(lu)
@@ -356,6 +358,17 @@ class DiskDevice:
         # Keep or remove, decided from one snapshot under the file's lock: deciding first
         # let a save that decided before a concurrent APTPL=0 REGISTER write after its removal.
         self._pr_state.save(self._reservations_to_persist)
+
+    def _cache_lost(self) -> None:
+        """The store lost writes it had acknowledged but not yet made durable (a storage
+        daemon died): like a power loss of a write-back cache, every nexus is told by a
+        power-on attention before its next command, a SYNCHRONIZE CACHE included."""
+        log.error("LUN%d: the backing store lost its write cache; unit attention to every "
+                  "initiator", self.lun_number)
+        with self._state_lock:
+            for pending in self._unit_attentions.values():
+                if Asc.POWER_ON_OCCURRED not in pending:
+                    pending.append(Asc.POWER_ON_OCCURRED)
 
     def reset_by_peer(self) -> None:
         """Another gateway of this shared image received a LOGICAL UNIT RESET."""

@@ -5,19 +5,21 @@ import os
 import signal
 import struct
 import subprocess
-import threading
 import time
 
 import pytest
 
 from istgt.lu.qsd import daemon
 from istgt.server import StartupError
-from tests.functional.conftest import C_TARGET, GOOD, NODE_BASE
+from tests.functional.conftest import (
+    C_TARGET, CHECK_CONDITION, GOOD, NODE_BASE, asc_ascq, sense_key,
+)
 from tests.functional.test_provisioning import synchronize_cache, unmap
 
 pytestmark = pytest.mark.skipif(C_TARGET, reason="the C istgt here has no image support")
 
 MiB = 1 << 20
+UNIT_ATTENTION = 0x06
 
 
 def image_target(make_target, tmp_path, name="disk.qcow2", size="16MB"):
@@ -45,35 +47,46 @@ def test_unmap_reads_back_zeros_and_get_lba_status_follows_the_image(make_target
     assert synchronize_cache(initiator).status == GOOD
 
 
-def test_writes_carry_on_while_the_storage_daemon_is_killed_and_restarted(make_target, tmp_path):
-    target = image_target(make_target, tmp_path)
-    initiator = target.session()
-    before = os.urandom(64 * 1024)
-    assert initiator.write10(0, before).status == GOOD
-    assert synchronize_cache(initiator).status == GOOD       # durable before the crash
-    first_pid, restarts = daemon.pid, daemon.restarts
-    written = {}
-    stop = threading.Event()
-
-    def kill_soon():
-        time.sleep(0.2)
-        os.kill(first_pid, signal.SIGKILL)
-    killer = threading.Thread(target=kill_soon)
-    killer.start()
-    deadline = time.monotonic() + 3
-    index = 0
-    while time.monotonic() < deadline and not stop.is_set():
-        payload = os.urandom(4096)
-        lba = 128 + (index % 256) * 8
+def write_through_attentions(initiator, lba, payload, seen):
+    """WRITE, retried after unit attentions (recorded in `seen`); the final status."""
+    for _ in range(4):
         result = initiator.write10(lba, payload)
-        assert result.status == GOOD, f"write {index} during the restart: {result.sense.hex()}"
-        written[lba] = payload
-        index += 1
-    killer.join()
+        if result.status != CHECK_CONDITION or sense_key(result.sense) != UNIT_ATTENTION:
+            return result.status
+        seen.append(asc_ascq(result.sense))
+    return result.status
+
+
+def test_a_killed_storage_daemon_loses_no_durable_write_and_says_so_for_the_rest(
+        make_target, tmp_path):
+    """Writes made durable before the daemon dies survive; writes sent while it restarts
+    complete and survive; writes acknowledged but not yet flushed either survive or every
+    initiator gets a power-on attention (a write-back cache lost, never silently)."""
+    target = image_target(make_target, tmp_path, size="64MB")
+    initiator = target.session()
+    cluster = 128                                    # 64 KiB qcow2 clusters, in blocks
+    durable = {i * cluster: os.urandom(4096) for i in range(0, 32)}
+    unflushed = {i * cluster: os.urandom(4096) for i in range(32, 64)}
+    later = {i * cluster: os.urandom(4096) for i in range(64, 96)}
+    seen: list = []
+    for lba, payload in durable.items():
+        assert write_through_attentions(initiator, lba, payload, seen) == GOOD
+    assert synchronize_cache(initiator).status == GOOD
+    for lba, payload in unflushed.items():
+        assert write_through_attentions(initiator, lba, payload, seen) == GOOD
+    first_pid, restarts = daemon.pid, daemon.restarts
+    os.kill(first_pid, signal.SIGKILL)
+    for lba, payload in later.items():               # sent while it is restarted
+        assert write_through_attentions(initiator, lba, payload, seen) == GOOD, lba
     assert daemon.restarts == restarts + 1 and daemon.pid not in (None, first_pid)
-    assert initiator.read10(0, 128).data == before
-    for lba, payload in written.items():
+    for _ in range(3):
+        if synchronize_cache(initiator).status == GOOD:
+            break
+    for lba, payload in {**durable, **later}.items():
         assert initiator.read10(lba, 8).data == payload, lba
+    lost = [lba for lba, payload in unflushed.items() if initiator.read10(lba, 8).data != payload]
+    if lost:
+        assert (0x29, 0x01) in seen, f"{len(lost)} acknowledged writes lost without a word"
 
 
 def test_an_image_locked_by_another_process_is_refused_naming_it(make_target, tmp_path):
