@@ -179,8 +179,8 @@ def open_dvd_image(path: str, size: int | None):
 
 
 def _close_stores(backend, journal, state=None) -> None:
-    if hasattr(state, "close"):
-        state.close()              # a cluster watch goes before its image's handles
+    if hasattr(state, "stop"):
+        state.stop()               # a cluster watch goes before its image's handles
     backend.close()
     if journal is not None:
         journal.close()

@@ -21,6 +21,14 @@ _ZEROES_CHUNK = 1 << 30
 RADOS_TIMEOUT_S = "30"
 
 
+class ImageInfo(ctypes.Structure):
+    """librbd's rbd_image_info_t."""
+    _fields_ = [("size", ctypes.c_uint64), ("obj_size", ctypes.c_uint64),
+                ("num_objs", ctypes.c_uint64), ("order", ctypes.c_int),
+                ("block_name_prefix", ctypes.c_char * 24), ("parent_pool", ctypes.c_int64),
+                ("parent_name", ctypes.c_char * 96)]
+
+
 class _Libraries:
     """librados and librbd with the signatures used here; None when not installed."""
 
@@ -59,6 +67,8 @@ class _Libraries:
             (rbd.rbd_open_read_only, i, [p, c, pp, c]),
             (rbd.rbd_close, i, [p]),
             (rbd.rbd_get_size, i, [p, ctypes.POINTER(u64)]),
+            (rbd.rbd_stat, i, [p, ctypes.POINTER(ImageInfo), sz]),
+            (rados.rados_watch_flush, i, [p]),
             (rbd.rbd_read2, ssize, [p, u64, sz, p, i]),
             (rbd.rbd_write2, ssize, [p, u64, sz, p, i]),
             (rbd.rbd_write_zeroes, i, [p, u64, sz, i, i]),
@@ -143,6 +153,7 @@ class RbdBackend:
     served_from_page_cache = False      # each request waits for the OSDs: use workers
     supports_unmap = True
     unmap_zeroes = True
+    object_size = 4 << 20               # the image's, from rbd_stat when it is opened
 
     def __init__(self, path: str, location, cluster: _Cluster, ioctx, image, size: int,
                  read_only: bool) -> None:
@@ -184,6 +195,9 @@ class RbdBackend:
             cluster.release()
             raise BackendError(path, exc.strerror or str(exc)) from None
         backend = cls(path, location, cluster, ioctx, image, 0, read_only)
+        info = ImageInfo()
+        if lib.rbd.rbd_stat(image, ctypes.byref(info), ctypes.sizeof(info)) == 0:
+            backend.object_size = info.obj_size
         wanted = holds.value if size is None else size
         problem = None
         if wanted > holds.value:
@@ -200,6 +214,10 @@ class RbdBackend:
     def ioctx(self):
         """The image's pool (and namespace) context, for state kept next to the image."""
         return self._ioctx
+
+    @property
+    def cluster_handle(self):
+        return self._cluster.handle
 
     # --- reads and writes (the GIL is released inside each librbd call) ------------------------
 
@@ -255,13 +273,21 @@ class RbdBackend:
 
     def compare_and_write(self, offset: int, expected, data) -> int | None:
         """Atomic in the cluster: None when `expected` matched and `data` is written, else
-        the offset of the first differing byte (nothing written)."""
+        the offset of the first differing byte (nothing written). librbd does it within one
+        object only: a range across an object boundary is OSError(EINVAL)."""
+        length = len(data)
+        first_object = offset // self.object_size
+        if (offset + length - 1) // self.object_size != first_object:
+            raise OSError(errno.EINVAL, "COMPARE AND WRITE across an RBD object boundary")
         mismatch = ctypes.c_uint64()
-        result = self._rbd.rbd_compare_and_write(self._image, offset, len(data),
+        result = self._rbd.rbd_compare_and_write(self._image, offset, length,
                                                  _pointer(expected), _pointer(data),
                                                  ctypes.byref(mismatch), 0)
         if result == -errno.EILSEQ:
-            return mismatch.value           # librbd counts from the start of the buffer
+            # librbd 16 reports the object's start in the image plus the offset in the
+            # buffer; make it the offset in the buffer
+            found = mismatch.value - first_object * self.object_size
+            return min(max(found, 0), length - 1)
         _check(result, "rbd_compare_and_write")
         return None
 

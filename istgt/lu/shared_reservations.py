@@ -21,6 +21,7 @@ import ctypes
 import errno
 import json
 import logging
+import queue
 import secrets
 import struct
 import threading
@@ -72,8 +73,17 @@ class SharedReservations:
         self._ioctx = backend.ioctx
         self._oid = f"istgt.pr.{location.image}".encode()
         self._token = secrets.token_hex(8)      # tells our own notifications from others'
+        self._cluster_handle = backend.cluster_handle
         self._device = None
-        self._stale = threading.Event()         # the watch broke: reload before trusting
+        # Reload before the next command: a change could not be taken when it came (no
+        # device yet, or an error), or the watch broke (then watch again too).
+        self._reload = threading.Event()
+        self._watch_broken = threading.Event()
+        # Notifications are handled here, not on librados's callback thread (which librbd
+        # also needs): reading the state and resetting the LU block.
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._handle_notifications, name="pr-notify",
+                         daemon=True).start()
         lib = libraries()
         self._rados = lib.rados
         # kept referenced: librados calls them from its own threads
@@ -154,30 +164,44 @@ class SharedReservations:
         try:
             snapshot = self._read()
             reservations.restore(snapshot if snapshot is not None else pr.EMPTY_SNAPSHOT)
-            self._stale.clear()
-            yield
+            try:
+                yield
+            except BaseException:
+                # the local state may have changed without reaching the cluster
+                self._reload.set()
+                raise
         finally:
             self._rados.rados_unlock(self._ioctx, self._oid, LOCK_NAME, cookie)
 
     def refresh_if_stale(self) -> None:
-        """Before a command: after a broken watch, watch again and reload (OSError: the
-        command fails rather than run on a state that may be old)."""
-        if not self._stale.is_set() or self._device is None:
+        """Before a command: take the cluster's state if a change was missed, and watch
+        again if the watch broke (OSError: the command fails rather than run on a state
+        that may be old)."""
+        if not self._reload.is_set() or self._device is None:
             return
         with self._rewatch_lock:
-            if not self._stale.is_set():
+            if not self._reload.is_set():
                 return
-            self.close()
-            self._start_watch()
+            if self._watch_broken.is_set():
+                self.close()
+                self._start_watch()
+                self._watch_broken.clear()
+            self._reload.clear()
             snapshot = self._read()
             self._device.apply_remote_reservations(snapshot or pr.EMPTY_SNAPSHOT, {})
-            self._stale.clear()
-            log.info("%s: watching again, reservations reloaded", self._oid.decode())
+            log.info("%s: reservations reloaded from the cluster", self._oid.decode())
 
     def close(self) -> None:
         if self._watch.value:
             self._rados.rados_unwatch2(self._ioctx, self._watch.value)
             self._watch = ctypes.c_uint64()
+            # callbacks may still run after unwatch: wait for them before the ioctx goes
+            self._rados.rados_watch_flush(self._cluster_handle)
+
+    def stop(self) -> None:
+        """The LU closes: no more watch, and the notification thread ends."""
+        self.close()
+        self._inbox.put(None)
 
     # --- RADOS -----------------------------------------------------------------------------
 
@@ -190,8 +214,11 @@ class SharedReservations:
                                                       ctypes.byref(duration), 0)
             if result == 0:
                 return
-            if result != -errno.EBUSY or time.monotonic() > deadline:
+            if result != -errno.EBUSY:
                 self._check(result, "lock")
+            if time.monotonic() > deadline:
+                raise TimeoutError(errno.EBUSY, f"{self._oid.decode()}: another gateway holds "
+                                                f"the reservation lock")
             time.sleep(0.005)
 
     def _read(self) -> dict | None:
@@ -239,32 +266,47 @@ class SharedReservations:
         return acks > 1                   # our own watch acknowledges too
 
     def _notified(self, _arg, notify_id, handle, _notifier, data, length) -> None:
-        """From a librados thread: take another gateway's change, then acknowledge."""
-        answer = b""
-        try:
-            message = json.loads(ctypes.string_at(data, length)) if length else {}
-            if message.get("rollcall"):
-                answer = json.dumps({"groups": self._own_groups}).encode()
-            elif message.get("reset") and message.get("from") != self._token:
-                if self._device is not None:
+        """From a librados thread: queue it; the acknowledgement follows the handling."""
+        self._inbox.put((notify_id, handle, ctypes.string_at(data, length) if length else b""))
+
+    def _handle_notifications(self) -> None:
+        while True:
+            item = self._inbox.get()
+            if item is None:
+                return
+            notify_id, handle, data = item
+            answer = b""
+            try:
+                message = json.loads(data) if data else {}
+                foreign = message.get("from") != self._token
+                if message.get("rollcall"):
+                    answer = json.dumps({"groups": self._own_groups}).encode()
+                elif message.get("hello") or not foreign:
+                    pass
+                elif self._device is None:
+                    self._reload.set()           # still starting: load before serving
+                elif message.get("reset"):
                     self._device.reset_by_peer()
-            elif message.get("from") != self._token and not message.get("hello"):
-                snapshot = self._read()
-                if self._device is not None:
+                else:
+                    snapshot = self._read()
                     self._device.apply_remote_reservations(snapshot or pr.EMPTY_SNAPSHOT,
                                                            message.get("effects", {}))
-        except (OSError, ValueError) as exc:
-            log.error("%s: reservation change from another gateway not taken: %s",
-                      self._oid.decode(), exc)
-            self._stale.set()
-        finally:
-            self._rados.rados_notify_ack(self._ioctx, self._oid, notify_id, handle, answer,
-                                         len(answer))
+            except (OSError, ValueError) as exc:
+                log.error("%s: change from another gateway not taken: %s",
+                          self._oid.decode(), exc)
+                self._reload.set()
+            except Exception:                    # the acknowledgement must still go out
+                log.exception("%s: handling a notification failed", self._oid.decode())
+                self._reload.set()
+            finally:
+                self._rados.rados_notify_ack(self._ioctx, self._oid, notify_id, handle,
+                                             answer, len(answer))
 
     def _watch_failed(self, _arg, _cookie, error) -> None:
         log.error("%s: watch failed (%s); the state is reloaded before the next command",
                   self._oid.decode(), -error)
-        self._stale.set()
+        self._watch_broken.set()
+        self._reload.set()
 
     def _check(self, result: int, what: str) -> int:
         if result < 0:

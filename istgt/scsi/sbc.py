@@ -266,8 +266,8 @@ class DiskDevice:
 
     def close(self) -> None:
         self.sanitizing.wait()   # an erase is never left half done by a clean shutdown
-        if hasattr(self._pr_state, "close"):
-            self._pr_state.close()       # the cluster watch goes before the image
+        if hasattr(self._pr_state, "stop"):
+            self._pr_state.stop()        # the cluster watch goes before the image
         self.backend.close()
         if self.atomic_journal is not None:
             self.atomic_journal.close()
@@ -776,6 +776,8 @@ def _atomic_compare_and_write(device: DiskDevice, lba: int, atomic, payload, len
         if mismatch is None and (fua or not device.mode_pages.write_cache_enabled):
             device.backend.flush()
     except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            raise invalid_field_in_cdb(13) from None   # a range the store cannot do at once
         raise _write_failure(device.lun_number, lba, exc) from None
     if mismatch is not None:
         raise CheckCondition(SenseKey.MISCOMPARE, Asc.MISCOMPARE_DURING_VERIFY, info=mismatch)
@@ -982,8 +984,14 @@ def persistent_reserve_out(device: DiskDevice, task: ScsiTask) -> None:
         device.reservations.persistent_reserve_out(task)
         return
     # Shared by several gateways: one PR OUT at a time in the cluster, on the latest state.
-    with transaction(device.reservations):
-        device.reservations.persistent_reserve_out(task)
+    try:
+        with transaction(device.reservations):
+            device.reservations.persistent_reserve_out(task)
+    except TimeoutError:
+        task.status = ScsiStatus.BUSY     # another gateway holds the lock: try again
+    except OSError as exc:
+        log.error("LUN%d: reservations in the cluster: %s", device.lun_number, exc)
+        raise CheckCondition(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE) from None
 
 
 def reserve(device: DiskDevice, task: ScsiTask) -> None:

@@ -132,3 +132,37 @@ def test_reservations_survive_restarting_every_gateway_only_with_aptpl(make_targ
             gateway.stop()
         again = [make_target(lun0_storage=f"{location} Auto") for _ in range(2)]
         assert [read_keys(g.session()) for g in again] == [kept, kept], image
+
+
+def test_compare_and_write_past_the_first_object_reports_the_offset_in_the_buffer(
+        make_target, ceph_cluster):
+    """librbd reports a miscompare from the start of the object; the sense INFORMATION
+    must count from the start of the Data-Out buffer, whichever object the LBA is in. A
+    range across an object boundary is refused (librbd cannot do it atomically)."""
+    target = rbd_target(make_target, ceph_cluster, "caw2", size="32MB")
+    initiator = target.session()
+    for lba in (8192 + 100, 18432 + 8):              # in objects 1 and 2 (4 MiB objects)
+        old = os.urandom(512)
+        assert initiator.write10(lba, old).status == GOOD
+        wrong = old[:37] + bytes([old[37] ^ 0xFF]) + old[38:]
+        result = compare_and_write(initiator, lba, wrong, os.urandom(512))
+        assert result.status == CHECK_CONDITION and sense_key(result.sense) == MISCOMPARE
+        assert struct.unpack(">I", result.sense[3:7])[0] == 37, lba
+    across = compare_and_write(initiator, 8191, bytes(1024), bytes(1024))
+    assert across.status == CHECK_CONDITION and sense_key(across.sense) == 0x05
+    assert asc_ascq(across.sense) == (0x24, 0x00)
+
+
+def test_an_lu_that_fails_to_start_leaves_no_watch_on_the_cluster(make_target, ceph_cluster,
+                                                                  tmp_path):
+    from istgt.server import StartupError
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"{not json")
+    ceph_cluster.rbd("create", "--size", "8M", "rbd/broken")
+    ceph_cluster._run(["rados", "-c", str(ceph_cluster.conf), "-p", "rbd", "put",
+                       "istgt.pr.broken", str(garbage)], 30)
+    with pytest.raises(StartupError, match="reservations in the cluster"):
+        make_target(lun0_storage=f"rbd:rbd/broken:conf={ceph_cluster.conf} Auto")
+    watchers = ceph_cluster._run(["rados", "-c", str(ceph_cluster.conf), "-p", "rbd",
+                                  "listwatchers", "istgt.pr.broken"], 30)
+    assert watchers.strip() == "", watchers
