@@ -7,9 +7,11 @@ DISK := var/disk1.img
 CONFIG := etc/istgt.conf
 # Debian packages that give the test suite real initiators and the C istgt to compare with.
 TEST_PACKAGES := libiscsi-bin qemu-utils qemu-block-extra istgt tgt strace
-# qemu-storage-daemon (serves disk image and RBD LUs) and a one-node Ceph for the RBD tests
-# (tools/ceph_one_node.py); their recommends would pull in a hundred more packages.
-IMAGE_PACKAGES := qemu-system-common ceph-mon ceph-osd ceph-common
+# qemu-storage-daemon (serves disk image and RBD LUs), a one-node Ceph for the RBD tests
+# (tools/ceph_one_node.py), and the QEMU guest with SCSI devices for the pass-through tests
+# (tools/guest.py); their recommends would pull in a hundred more packages.
+IMAGE_PACKAGES := qemu-system-common ceph-mon ceph-osd ceph-common qemu-system-x86 debootstrap \
+	e2fsprogs
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 APT_GET := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 
@@ -50,6 +52,7 @@ test-tools:
 	@if ! command -v iscsi-test-cu >/dev/null || ! command -v qemu-img >/dev/null \
 		|| ! command -v strace >/dev/null || ! command -v qemu-storage-daemon >/dev/null \
 		|| ! command -v ceph-mon >/dev/null || ! command -v ceph-osd >/dev/null \
+		|| ! command -v qemu-system-x86_64 >/dev/null || ! command -v debootstrap >/dev/null \
 		|| ! test -x /usr/sbin/istgt || ! test -x /usr/sbin/tgtd \
 		|| ! dpkg-query -W -f='$${Status}' qemu-block-extra 2>/dev/null | grep -q 'ok installed'; \
 	then \

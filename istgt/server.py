@@ -46,7 +46,7 @@ class StartupError(Exception):
 
 def build_logical_unit(lu_config, max_sessions: int, state_directory: str | None = None
                        ) -> LogicalUnit:
-    if lu_config.unit_type not in ("disk", "dvd", "tape"):
+    if lu_config.unit_type not in ("disk", "dvd", "tape", "pass"):
         raise StartupError(f"LU{lu_config.number} ({lu_config.name}): UnitType "
                            f"{lu_config.unit_type} is not supported yet")
     devices = {}
@@ -134,7 +134,19 @@ def build_device(lu_config, lun, state_directory: str | None):
         return _build_dvd(lu_config, lun)
     if lu_config.unit_type == "tape":
         return _build_tape(lu_config, lun)
+    if lu_config.unit_type == "pass":
+        return _build_pass(lu_config, lun)
     return _build_disk(lu_config, lun, state_directory)
+
+
+def _build_pass(lu_config, lun):
+    """A real SCSI device passed through with SG_IO (`LUNn Device <path>`)."""
+    from istgt.scsi.passthrough import PassThroughDevice, SgDevice
+    try:
+        return PassThroughDevice(lu_config, lun, SgDevice(lun.path))
+    except OSError as e:
+        raise StartupError(f"LU{lu_config.number} ({lu_config.name}) LUN{lun.number}: "
+                           f"{lun.path}: {e.strerror or e}") from None
 
 
 def _build_tape(lu_config, lun):

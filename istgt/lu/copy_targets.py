@@ -21,6 +21,8 @@ class CopyTargets:
             self.add(device)
 
     def add(self, device: Any) -> None:
+        if not hasattr(device, "identity"):
+            return              # a pass-through device: its identity is the device's own
         naa = bytes(device.identity.naa)
         if naa in self._by_naa and self._by_naa[naa] is not device:
             raise ValueError(f"two logical units share the NAA designator {naa.hex()}")

@@ -153,7 +153,7 @@ def device_identification_body(
     """`port_group`: the target port group of the nexus's port, when the LU reports ALUA."""
     t10 = ascii_field(identity.vendor, 8) + ascii_field(identity.product, 16)
     t10 += identity.serial.encode("ascii", "replace")
-    parts = [
+    return b"".join([
         designator(CODE_SET_BINARY, ASSOCIATION_LU, DESIGNATOR_NAA, identity.naa),
         designator(CODE_SET_ASCII, ASSOCIATION_LU, DESIGNATOR_T10_VENDOR, t10),
         designator(
@@ -163,6 +163,15 @@ def device_identification_body(
             scsi_name(identity.target_name),
             PROTOCOL_ISCSI,
         ),
+        target_port_designators(nexus, port_group),
+    ])
+
+
+def target_port_designators(nexus: ITNexus, port_group: int | None = None) -> bytes:
+    """The target port's designators of VPD page 83h: its name, its relative port
+    identifier and, with ALUA, its target port group (pass-through LUs add these to the
+    device's own)."""
+    parts = [
         designator(
             CODE_SET_UTF8,
             ASSOCIATION_TARGET_PORT,

@@ -1,0 +1,393 @@
+"""Pass-through LUs (UnitType Pass, `LUNn Device <path>`): a real SCSI disk, tape, CD/DVD
+drive or medium changer exported as it is, through Linux SG_IO.
+
+The CDB, the data, the status, the sense and the residual go through as the device gives
+them. What belongs to the target stays the target's (istgt's CAM pass-through sent even
+these to the device, which sees one host for every initiator):
+
+- unit attentions of each I_T nexus (power-on for a new nexus, resets, reservation events);
+- persistent reservations and RESERVE/RELEASE, emulated per I_T nexus and enforced before a
+  command reaches the device;
+- INQUIRY VPD page 83h gets the target port designators (relative target port, target port
+  group, target port name) after the device's own;
+- Block Limits (VPD B0h) says no more than the device's maximum transfer; longer READ and
+  WRITE commands on a disk are split (SBC lets a disk do them in pieces);
+- LOGICAL UNIT RESET reaches the device as SG_SCSI_RESET; a device that is gone answers
+  NOT READY, and the daemon and the other LUs carry on.
+
+REPORT LUNS is answered by the LogicalUnit for every unit type.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import struct
+import threading
+from typing import Any
+
+from istgt.scsi import alua, pr, spc
+from istgt.scsi.command import ITNexus, ScsiTask, u16, u32
+from istgt.scsi.constants import Asc, Opcode, ScsiStatus, SenseKey
+from istgt.scsi.sense import CheckCondition, encode_sense
+
+log = logging.getLogger(__name__)
+
+SG_IO = 0x2285
+SG_SCSI_RESET = 0x2284
+SG_SCSI_RESET_DEVICE = 1
+SG_DXFER_NONE, SG_DXFER_TO_DEV, SG_DXFER_FROM_DEV = -1, -2, -3
+SENSE_MAX = 252
+DID_OK = 0
+# ms per command class; tape motion and formatting take long
+TIMEOUT_DEFAULT_MS = 60_000
+TIMEOUT_LONG_MS = 4 * 3600_000
+LONG_COMMANDS = frozenset({0x01, 0x04, 0x19, 0x1B, 0x2B, 0x91, 0x92, 0x10, 0x80, 0x48})
+EMULATED = frozenset({Opcode.PERSISTENT_RESERVE_IN, Opcode.PERSISTENT_RESERVE_OUT, 0x16, 0x17,
+                      0x56, 0x57})
+READS = {0x08: 6, 0x28: 10, 0xA8: 12, 0x88: 16}
+WRITES = {0x0A: 6, 0x2A: 10, 0xAA: 12, 0x8A: 16}
+DISK, TAPE, CD_DVD, CHANGER = 0x00, 0x01, 0x05, 0x08
+
+
+class SgIoHdr(ctypes.Structure):
+    """struct sg_io_hdr (<scsi/sg.h>), 64-bit layout."""
+    _fields_ = [
+        ("interface_id", ctypes.c_int), ("dxfer_direction", ctypes.c_int),
+        ("cmd_len", ctypes.c_ubyte), ("mx_sb_len", ctypes.c_ubyte),
+        ("iovec_count", ctypes.c_ushort), ("dxfer_len", ctypes.c_uint),
+        ("dxferp", ctypes.c_void_p), ("cmdp", ctypes.c_void_p), ("sbp", ctypes.c_void_p),
+        ("timeout", ctypes.c_uint), ("flags", ctypes.c_uint), ("pack_id", ctypes.c_int),
+        ("usr_ptr", ctypes.c_void_p), ("status", ctypes.c_ubyte),
+        ("masked_status", ctypes.c_ubyte), ("msg_status", ctypes.c_ubyte),
+        ("sb_len_wr", ctypes.c_ubyte), ("host_status", ctypes.c_ushort),
+        ("driver_status", ctypes.c_ushort), ("resid", ctypes.c_int),
+        ("duration", ctypes.c_uint), ("info", ctypes.c_uint),
+    ]
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc.ioctl.restype = ctypes.c_int
+
+
+class DeviceGone(OSError):
+    """The device did not answer at all (removed, or the transport failed)."""
+
+
+class SgDevice:
+    """An open /dev/sgN (the sd/sr/st/sch node names are mapped to it through sysfs)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sg_name = sg_name_of(path)
+        self.fd = os.open(f"/dev/{self.sg_name}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        base = f"/sys/class/scsi_generic/{self.sg_name}/device"
+        self.peripheral_type = int(_read_sysfs(f"{base}/type") or "0")
+        self.max_transfer = max_transfer_bytes(base)
+
+    def command(self, cdb: bytes, direction: int, buffer: bytearray | memoryview | None,
+                timeout_ms: int) -> tuple[int, bytes, int]:
+        """(SCSI status, sense, residual); DeviceGone when the device did not answer."""
+        cdb_buffer = ctypes.create_string_buffer(bytes(cdb), len(cdb))
+        sense = ctypes.create_string_buffer(SENSE_MAX)
+        length = len(buffer) if buffer is not None else 0
+        data = (ctypes.c_char * length).from_buffer(buffer) if length else None
+        header = SgIoHdr(interface_id=ord("S"), dxfer_direction=direction if length else
+                         SG_DXFER_NONE, cmd_len=len(cdb), mx_sb_len=SENSE_MAX,
+                         dxfer_len=length, dxferp=ctypes.addressof(data) if data else None,
+                         cmdp=ctypes.addressof(cdb_buffer), sbp=ctypes.addressof(sense),
+                         timeout=timeout_ms)
+        result = _libc.ioctl(self.fd, SG_IO, ctypes.byref(header))   # GIL released
+        del data
+        if result < 0:
+            error = ctypes.get_errno()
+            raise DeviceGone(error, f"{self.path}: SG_IO: {os.strerror(error)}")
+        if header.host_status != DID_OK:
+            raise DeviceGone(errno.EIO, f"{self.path}: host status {header.host_status}")
+        return header.status, sense.raw[:header.sb_len_wr], header.resid
+
+    def reset(self) -> None:
+        value = ctypes.c_int(SG_SCSI_RESET_DEVICE)
+        if _libc.ioctl(self.fd, SG_SCSI_RESET, ctypes.byref(value)) < 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"{self.path}: SG_SCSI_RESET: {os.strerror(error)}")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _read_sysfs(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def sg_name_of(path: str) -> str:
+    """`sgN` for /dev/sgN, or for the sd/sr/st/nst/sch node of the same device."""
+    name = os.path.basename(os.path.realpath(path))
+    if name.startswith("sg"):
+        return name
+    for sg in sorted(os.listdir("/sys/class/scsi_generic")):
+        device = os.path.realpath(f"/sys/class/scsi_generic/{sg}/device")
+        for child in ("block", "scsi_tape", "scsi_changer"):
+            try:
+                if any(entry.lstrip("n") == name.lstrip("n") or entry == name
+                       for entry in os.listdir(f"{device}/{child}")):
+                    return sg
+            except OSError:
+                continue
+    raise OSError(errno.ENODEV, f"{path}: no SCSI generic (sg) node for it")
+
+
+def max_transfer_bytes(device_dir: str) -> int:
+    """The most one command may move: the block queue's limit for disks and CD/DVD, the
+    host's for other types."""
+    for block in _listdir(f"{device_dir}/block"):
+        value = _read_sysfs(f"{device_dir}/block/{block}/queue/max_hw_sectors_kb")
+        if value and value.isdigit():
+            return int(value) * 1024
+    host = _read_sysfs(f"{device_dir}/../../../scsi_host/{os.path.basename(os.path.realpath(device_dir + '/../../..'))}/max_sectors")
+    if host and host.isdigit():
+        return int(host) * 512
+    return 512 * 1024
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def timeout_for(opcode: int, peripheral_type: int) -> int:
+    if opcode in LONG_COMMANDS or peripheral_type in (TAPE, CHANGER) and opcode not in READS:
+        return TIMEOUT_LONG_MS
+    return TIMEOUT_DEFAULT_MS
+
+
+class PassThroughDevice:
+    """One `LUNn Device` of a Pass unit."""
+
+    UA_EXEMPT = frozenset({Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE})
+
+    def __init__(self, lu: Any, lun: Any, sg: SgDevice) -> None:
+        self.lun_number = lun.number
+        self.sg = sg
+        self.path = lun.path
+        self.peripheral_type = sg.peripheral_type
+        self.block_length = 512
+        self.block_count = 0
+        self.port_groups = alua.TargetPortGroups.of_unit(lu)
+        self.reservations = pr.ReservationState(
+            raise_ua=self._reservation_unit_attention, aptpl_supported=False,
+            target_ports=self.port_groups.target_ports)
+        self.abort_nexuses: Any = None
+        self.abort_lun_tasks: Any = None
+        self._state_lock = threading.Lock()
+        self._unit_attentions: dict[ITNexus, list[int]] = {}
+        self._gone = False
+        self._all_luns: list[int] = [lun.number]
+
+    # --- the LogicalUnit's interface ---------------------------------------------------------
+
+    def execute(self, task: ScsiTask) -> None:
+        task.status, task.sense, task.data_in = ScsiStatus.GOOD, b"", None
+        try:
+            self._dispatch(task)
+        except CheckCondition as condition:
+            task.status = ScsiStatus.CHECK_CONDITION
+            task.sense = condition.encode(False)
+            task.data_in = condition.data_in
+        except DeviceGone as exc:
+            if not self._gone:
+                log.error("LUN%d: %s: the device is gone", self.lun_number, exc)
+            self._gone = True
+            task.status = ScsiStatus.CHECK_CONDITION
+            task.sense = encode_sense(SenseKey.NOT_READY, Asc.LOGICAL_UNIT_NOT_READY)
+            task.data_in = None
+
+    def reset(self, kind: Any = "lun", from_peer: bool = False) -> None:
+        self.reservations.reset()
+        try:
+            self.sg.reset()
+        except OSError as exc:
+            log.warning("LUN%d: device reset failed: %s", self.lun_number, exc)
+        with self._state_lock:
+            for pending in self._unit_attentions.values():
+                pending[:] = [Asc.BUS_DEVICE_RESET_FUNCTION_OCCURRED]
+
+    def nexus_lost(self, nexus: ITNexus) -> None:
+        self.reservations.nexus_lost(nexus)
+
+    def set_lun_numbers(self, numbers) -> None:
+        self._all_luns = list(numbers)
+
+    def lun_numbers(self):
+        return self._all_luns
+
+    def flush(self) -> None:
+        """Nothing is cached here: the device keeps its own write cache."""
+
+    def notice_growth(self) -> None:
+        """The device reports its own capacity: nothing to follow here."""
+
+    def close(self) -> None:
+        self.sg.close()
+
+    # --- dispatch ------------------------------------------------------------------------------
+
+    def _dispatch(self, task: ScsiTask) -> None:
+        cdb = task.cdb
+        if not cdb:
+            raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_COMMAND_OPERATION_CODE)
+        opcode = cdb[0]
+        attention = self._take_unit_attention(task.nexus, consume=opcode not in self.UA_EXEMPT)
+        if attention is not None:
+            raise CheckCondition(SenseKey.UNIT_ATTENTION, attention)
+        if self.reservations.conflicts(task):
+            task.status = ScsiStatus.RESERVATION_CONFLICT
+            return
+        if opcode in EMULATED:
+            self._reservation_command(task)
+            return
+        task.data_out_length = None       # the device decides; residuals are its own
+        if self.peripheral_type == DISK and (opcode in READS or opcode in WRITES):
+            self._read_write(task)
+            return
+        self._pass(task, cdb, task.transfer_length)
+        if opcode == Opcode.INQUIRY and task.status == ScsiStatus.GOOD and task.data_in:
+            task.data_in = self._inquiry_answer(task, cdb, bytes(task.data_in))
+
+    def _pass(self, task: ScsiTask, cdb: bytes, length: int, offset: int = 0) -> None:
+        """One SG_IO with the task's data (Data-Out, or a Data-In buffer of `length`)."""
+        if task.data_out is not None:
+            direction = SG_DXFER_TO_DEV
+            buffer = bytearray(task.data_out[offset:offset + length])
+        else:
+            direction = SG_DXFER_FROM_DEV
+            buffer = bytearray(length)
+        status, sense, residual = self.sg.command(cdb, direction, buffer if length else None,
+                                                  timeout_for(cdb[0], self.peripheral_type))
+        self._gone = False
+        task.status = status
+        task.sense = sense
+        if direction == SG_DXFER_FROM_DEV:
+            task.data_in = buffer[:max(0, length - residual)]
+
+    # --- READ and WRITE on a disk: split at the device's limit ---------------------------------
+
+    def _read_write(self, task: ScsiTask) -> None:
+        cdb = task.cdb
+        lba, blocks = _lba_and_blocks(cdb)
+        block = self._block_length()
+        total = blocks * block
+        if total <= self.sg.max_transfer or cdb[0] in (0x08, 0x0A) \
+                or total != task.transfer_length:
+            # within the limit, or a CDB and EDTL that disagree: as it is, the device's
+            # residual says what happened
+            self._pass(task, cdb, task.transfer_length)
+            return
+        per = max(1, self.sg.max_transfer // block)
+        pieces = []
+        done = 0
+        while done < blocks:
+            count = min(per, blocks - done)
+            piece = _with_lba_and_blocks(cdb, lba + done, count)
+            self._pass(task, piece, count * block, offset=done * block)
+            if task.status != ScsiStatus.GOOD:
+                task.data_in = None
+                return
+            if task.data_in is not None:
+                pieces.append(bytes(task.data_in))
+            done += count
+        task.data_in = b"".join(pieces) if task.data_out is None else None
+
+    def _block_length(self) -> int:
+        if self.block_count == 0:
+            buffer = bytearray(8)
+            status, _, _ = self.sg.command(bytes([0x25] + [0] * 9), SG_DXFER_FROM_DEV, buffer,
+                                           TIMEOUT_DEFAULT_MS)
+            if status == ScsiStatus.GOOD:
+                self.block_count = u32(buffer, 0) + 1
+                self.block_length = u32(buffer, 4) or 512
+        return self.block_length
+
+    # --- what the target owns ------------------------------------------------------------------
+
+    def _inquiry_answer(self, task: ScsiTask, cdb: bytes, data: bytes) -> bytes:
+        allocation = u16(cdb, 3)
+        if not cdb[1] & 0x01:
+            return data
+        if cdb[2] == 0x83 and len(data) >= 4:
+            # the device's own designators, then the target port's (SPC-4 7.8.6)
+            group = self.port_groups.group_of(task.nexus)
+            body = data[4:4 + u16(data, 2)] + spc.target_port_designators(task.nexus, group)
+            page = data[:2] + struct.pack(">H", len(body)) + body
+            return page[:allocation]
+        if cdb[2] == 0xB0 and len(data) >= 12 and self.peripheral_type == DISK:
+            page = bytearray(data)
+            most = self.sg.max_transfer // self._block_length()
+            if not u32(page, 8) or u32(page, 8) > most:
+                struct.pack_into(">I", page, 8, most)
+            return bytes(page)
+        return data
+
+    def _reservation_command(self, task: ScsiTask) -> None:
+        opcode = task.cdb[0]
+        if opcode == Opcode.PERSISTENT_RESERVE_IN:
+            self.reservations.persistent_reserve_in(task)
+        elif opcode == Opcode.PERSISTENT_RESERVE_OUT:
+            self.reservations.persistent_reserve_out(task)
+        elif opcode in (0x16, 0x56):
+            (self.reservations.reserve6 if opcode == 0x16 else self.reservations.reserve10)(task)
+        else:
+            (self.reservations.release6 if opcode == 0x17 else self.reservations.release10)(task)
+
+    def _take_unit_attention(self, nexus: ITNexus, consume: bool) -> int | None:
+        with self._state_lock:
+            pending = self._unit_attentions.get(nexus)
+            if pending is None:
+                pending = [Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET]
+                self._unit_attentions[nexus] = pending
+            if consume and pending:
+                return pending.pop(0)
+            return None
+
+    def _reservation_unit_attention(self, pattern: ITNexus, asc: int) -> None:
+        with self._state_lock:
+            for nexus, pending in self._unit_attentions.items():
+                if pr.nexus_matches(pattern, nexus) and asc not in pending:
+                    pending.append(asc)
+
+
+def _lba_and_blocks(cdb: bytes) -> tuple[int, int]:
+    size = READS.get(cdb[0]) or WRITES.get(cdb[0])
+    if size == 6:
+        return int.from_bytes(cdb[1:4], "big") & 0x1FFFFF, cdb[4] or 256
+    if size == 10:
+        return u32(cdb, 2), u16(cdb, 7)
+    if size == 12:
+        return u32(cdb, 2), u32(cdb, 6)
+    return int.from_bytes(cdb[2:10], "big"), u32(cdb, 10)
+
+
+def _with_lba_and_blocks(cdb: bytes, lba: int, blocks: int) -> bytes:
+    """The same READ/WRITE (10/12/16) for another LBA range, every other bit kept."""
+    piece = bytearray(cdb)
+    size = READS.get(cdb[0]) or WRITES.get(cdb[0])
+    if size == 10:
+        struct.pack_into(">I", piece, 2, lba)
+        struct.pack_into(">H", piece, 7, blocks)       # byte 6, the group number, stays
+    elif size == 12:
+        struct.pack_into(">II", piece, 2, lba, blocks)
+    else:
+        struct.pack_into(">QI", piece, 2, lba, blocks)
+    return bytes(piece)

@@ -1,0 +1,82 @@
+"""Pass-through LUs (issue 9) on real SCSI devices: this machine has none, so the target
+runs in a QEMU guest (tools/guest.py) against QEMU's scsi-hd and scsi-cd, and the host
+reaches it through a forwarded port with QEMU's iSCSI initiator."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.interop.conftest import MIB, REPO_ROOT, free_port, require_tool, run_tool
+from tests.interop.test_qemu_roundtrip import sha256_of, write_seeded_image
+
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+from guest import Guest, build  # noqa: E402
+
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(900)]
+
+NODE_BASE = "iqn.2024-01.org.example.guest"
+DISK_BYTES = 64 * MIB
+ISO_BYTES = 3 * MIB
+BOOT_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def guest(tmp_path_factory):
+    for tool in ("qemu-system-x86_64", "debootstrap", "mkfs.ext4", "qemu-img"):
+        require_tool(tool)
+    cache = build()
+    work = tmp_path_factory.mktemp("passthrough")
+    disk = work / "disk.raw"
+    with open(disk, "wb") as f:
+        f.truncate(DISK_BYTES)
+    iso = work / "disc.iso"
+    iso_digest = write_seeded_image(iso, ISO_BYTES, seed=93)
+    port = free_port()
+    machine = Guest(cache, "python3 /repo/tests/guest/serve_passthrough.py\n", [
+        "-drive", f"file={disk},if=none,id=disk0,format=raw,cache=writeback",
+        "-device", "scsi-hd,drive=disk0,bus=scsi.0",
+        "-drive", f"file={iso},if=none,id=cd0,format=raw,media=cdrom,readonly=on",
+        "-device", "scsi-cd,drive=cd0,bus=scsi.0",
+    ], host_port=port)
+    machine.start()
+    try:
+        if not machine.wait_for("TARGET READY", BOOT_TIMEOUT_S):
+            pytest.fail(f"the guest's target did not start; console:\n"
+                        f"{machine.console_text()[-3000:]}\noutput:\n{machine.output()[-3000:]}")
+        yield machine, port, disk, iso, iso_digest
+    finally:
+        (machine.job / "stop").touch()
+        output = machine.output()
+        machine.stop(90)
+        print(output[-2000:])
+
+
+def url(port: int, name: str) -> str:
+    return f"iscsi://127.0.0.1:{port}/{NODE_BASE}:{name}/0"
+
+
+def test_a_pass_through_disk_round_trips_64_mib(guest, tmp_path):
+    machine, port, disk, _, _ = guest
+    source = tmp_path / "payload.raw"
+    digest = write_seeded_image(source, DISK_BYTES, seed=92)
+    done = run_tool(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(source),
+                     url(port, "pass-disk")], timeout=600)
+    assert done.returncode == 0, done.stderr
+    back = tmp_path / "back.raw"
+    done = run_tool(["qemu-img", "convert", "-f", "raw", "-O", "raw", url(port, "pass-disk"),
+                     str(back)], timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert os.path.getsize(back) == DISK_BYTES and sha256_of(back) == digest
+
+
+def test_an_iso_in_the_guests_cd_drive_reads_back_byte_identical(guest, tmp_path):
+    machine, port, _, iso, iso_digest = guest
+    back = tmp_path / "disc.raw"
+    done = run_tool(["qemu-img", "convert", "-f", "raw", "-O", "raw", url(port, "pass-cd"),
+                     str(back)], timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert os.path.getsize(back) == ISO_BYTES and sha256_of(back) == iso_digest

@@ -1,0 +1,147 @@
+"""PassThroughDevice's own part (issue 9), with a recording fake in place of SG_IO: what the
+target keeps (unit attentions, reservations, target port designators, limits) and what it
+passes on as the device gave it (status, sense, residual)."""
+
+import struct
+from types import SimpleNamespace
+
+from istgt.scsi.command import ITNexus, ScsiTask
+from istgt.scsi.constants import ScsiStatus
+from istgt.scsi.passthrough import (
+    SG_DXFER_FROM_DEV, SG_DXFER_TO_DEV, DeviceGone, PassThroughDevice, _lba_and_blocks,
+    _with_lba_and_blocks,
+)
+
+NEXUS = ITNexus("iqn.1994-05.com.example:a,i,0x1", "iqn.x:pass,t,0x0001", 1)
+OTHER = ITNexus("iqn.1994-05.com.example:b,i,0x2", "iqn.x:pass,t,0x0001", 1)
+
+
+class FakeSg:
+    def __init__(self, peripheral_type=0, max_transfer=1 << 20):
+        self.peripheral_type = peripheral_type
+        self.max_transfer = max_transfer
+        self.commands = []
+        self.answer = (ScsiStatus.GOOD, b"", 0)
+        self.fill = b"\xab"
+        self.gone = False
+        self.resets = 0
+
+    def command(self, cdb, direction, buffer, timeout_ms):
+        if self.gone:
+            raise DeviceGone(19, "gone")
+        self.commands.append((bytes(cdb), direction, len(buffer) if buffer else 0))
+        if cdb[0] == 0x25:                                   # READ CAPACITY(10)
+            buffer[:] = struct.pack(">II", 0xFFFF, 512)
+        elif direction == SG_DXFER_FROM_DEV and buffer is not None:
+            buffer[:] = self.fill * len(buffer)
+        return self.answer
+
+    def reset(self):
+        self.resets += 1
+
+    def close(self):
+        pass
+
+
+def device(sg=None):
+    lu = SimpleNamespace(name="iqn.x:pass", mappings=((1, 1),))
+    lun = SimpleNamespace(number=0, path="/dev/sg0")
+    d = PassThroughDevice(lu, lun, sg or FakeSg())
+    return d
+
+
+def run(d, cdb, nexus=NEXUS, data=None, edtl=None):
+    task = ScsiTask(0, bytes(cdb), nexus, data_out=data,
+                    transfer_length=edtl if edtl is not None else len(data or b""))
+    d.execute(task)
+    return task
+
+
+def ready(d, nexus=NEXUS):
+    task = run(d, bytes(6), nexus)                   # the power-on attention of the nexus
+    assert task.status == ScsiStatus.CHECK_CONDITION and task.sense[2] & 0x0F == 0x06
+    return d
+
+
+def test_each_nexus_gets_its_own_power_on_attention_and_the_device_never_sees_it():
+    sg = FakeSg()
+    d = ready(device(sg))
+    assert sg.commands == []
+    assert run(d, bytes(6)).status == ScsiStatus.GOOD
+    assert len(sg.commands) == 1
+    assert run(d, bytes(6), OTHER).status == ScsiStatus.CHECK_CONDITION
+
+
+def test_status_sense_and_residual_come_from_the_device():
+    sg = FakeSg()
+    d = ready(device(sg))
+    sg.answer = (ScsiStatus.CHECK_CONDITION, b"\x70\x00\x03" + bytes(15), 0)
+    task = run(d, struct.pack(">BBIBHB", 0x28, 0, 7, 0, 1, 0), edtl=512)
+    assert task.status == ScsiStatus.CHECK_CONDITION and task.sense[2] == 0x03   # MEDIUM ERROR
+    sg.answer = (ScsiStatus.GOOD, b"", 200)
+    task = run(d, bytes([0x12, 0, 0, 0, 255, 0]), edtl=255)
+    assert task.status == ScsiStatus.GOOD and len(task.data_in) == 55
+
+
+def test_a_reservation_is_the_targets_and_a_conflict_never_reaches_the_device():
+    sg = FakeSg()
+    d = ready(ready(device(sg)), OTHER)
+    register = struct.pack(">QQ4xBxH", 0, 0xA, 0, 0)
+    assert run(d, struct.pack(">BBBxxIBB", 0x5F, 0, 0, 24, 0, 0)[:10], data=register).status \
+        == ScsiStatus.GOOD
+    reserve = struct.pack(">QQ4xBxH", 0xA, 0, 0, 0)
+    assert run(d, struct.pack(">BBBxxIBB", 0x5F, 1, 1, 24, 0, 0)[:10], data=reserve).status \
+        == ScsiStatus.GOOD                                              # WRITE EXCLUSIVE
+    before = len(sg.commands)
+    write = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0)
+    assert run(d, write, OTHER, data=bytes(512)).status == ScsiStatus.RESERVATION_CONFLICT
+    assert len(sg.commands) == before
+    assert run(d, write, NEXUS, data=bytes(512)).status == ScsiStatus.GOOD
+    assert sg.commands[-1][1] == SG_DXFER_TO_DEV
+
+
+def test_vpd_83_gets_the_target_port_designators_after_the_devices_own():
+    sg = FakeSg()
+    d = ready(device(sg))
+    own = bytes([0x01, 0x03, 0x00, 0x08]) + bytes(range(8))            # an NAA designator
+    page = bytes([0x00, 0x83]) + struct.pack(">H", len(own)) + own
+
+    def answer(cdb, direction, buffer, timeout):
+        buffer[:len(page)] = page
+        return ScsiStatus.GOOD, b"", len(buffer) - len(page)
+    sg.command = answer
+    task = run(d, bytes([0x12, 0x01, 0x83, 0x01, 0x00, 0]), edtl=256)
+    data = bytes(task.data_in)
+    assert data[4:4 + len(own)] == own
+    assert struct.unpack(">H", data[2:4])[0] == len(data) - 4
+    assert b"iqn.x:pass,t,0x0001" in data                               # the target port name
+
+
+def test_a_read_over_the_devices_limit_is_split_and_joined():
+    sg = FakeSg(max_transfer=64 * 1024)
+    d = ready(device(sg))
+    task = run(d, struct.pack(">BBQIBB", 0x88, 0, 1000, 300, 0, 0), edtl=300 * 512)
+    assert task.status == ScsiStatus.GOOD and len(task.data_in) == 300 * 512
+    reads = [c for c in sg.commands if c[0][0] == 0x88]
+    assert [_lba_and_blocks(c[0]) for c in reads] == [(1000, 128), (1128, 128), (1256, 44)]
+
+
+def test_a_device_that_is_gone_answers_not_ready_and_lu_reset_reaches_the_device():
+    sg = FakeSg()
+    d = ready(device(sg))
+    sg.gone = True
+    task = run(d, bytes(6))
+    assert task.status == ScsiStatus.CHECK_CONDITION
+    assert (task.sense[2] & 0x0F, task.sense[12]) == (0x02, 0x04)      # NOT READY
+    sg.gone = False
+    d.reset("lun")
+    assert sg.resets == 1
+    task = run(d, bytes(6))
+    assert task.status == ScsiStatus.CHECK_CONDITION and task.sense[12:14] == b"\x29\x03"
+
+
+def test_the_lba_and_length_of_a_piece_are_rewritten_and_nothing_else():
+    cdb = struct.pack(">BBIBHB", 0x2A, 0x08, 5, 0x3, 100, 0x7)      # FUA, group 3, control 7
+    piece = _with_lba_and_blocks(cdb, 9, 4)
+    assert _lba_and_blocks(piece) == (9, 4) and piece[1] == 0x08 and piece[6] == 0x3
+    assert piece[9] == 0x7
