@@ -80,3 +80,39 @@ def test_an_iso_in_the_guests_cd_drive_reads_back_byte_identical(guest, tmp_path
                      str(back)], timeout=600)
     assert done.returncode == 0, done.stderr
     assert os.path.getsize(back) == ISO_BYTES and sha256_of(back) == iso_digest
+
+
+def session(port: int, name: str):
+    from tests.functional.initiator import Initiator
+    initiator = Initiator("127.0.0.1", port, initiator_name="iqn.2024-01.org.example:host",
+                          timeout=30)
+    initiator.login(f"{NODE_BASE}:{name}")
+    for _ in range(4):                         # the nexus's power-on attention
+        if initiator.tur().status == 0:
+            break
+    return initiator
+
+
+def read10(initiator, lba: int, blocks: int = 1):
+    import struct
+    return initiator.scsi(struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0),
+                          read_length=blocks * 512)
+
+
+def test_device_errors_reach_the_initiator_and_a_removed_device_is_not_ready(guest):
+    """scsi_debug's injected MEDIUM ERROR comes back as the device's sense; when the device
+    is deleted in the guest, its LUN answers NOT READY while the other LUNs keep working."""
+    machine, port, _, _, _ = guest
+    debug = session(port, "pass-debug")
+    assert read10(debug, 0).status == 0
+    failed = read10(debug, 4660)
+    assert failed.status == 2
+    sense = failed.sense
+    assert sense[2] & 0x0F == 0x03 and sense[12] == 0x11, sense.hex()   # MEDIUM ERROR, 11/xx
+    disk = session(port, "pass-disk")
+    (machine.job / "remove").touch()
+    assert machine.wait_for("DEBUG REMOVED", 60)
+    time.sleep(1)
+    gone = debug.tur()
+    assert gone.status == 2 and gone.sense[2] & 0x0F == 0x02, gone.sense.hex()   # NOT READY
+    assert disk.tur().status == 0 and read10(disk, 8).status == 0
