@@ -325,13 +325,17 @@ class PassThroughDevice:
     def _inquiry_answer(self, task: ScsiTask, cdb: bytes, data: bytes) -> bytes:
         allocation = u16(cdb, 3)
         if not cdb[1] & 0x01:
-            return data
+            # what the data says it holds, not a device's padding up to the allocation
+            # length (QEMU's scsi-hd pads, and the sg residual then says 0)
+            return data[:data[4] + 5] if len(data) > 4 else data
         if cdb[2] == 0x83 and len(data) >= 4:
             # the device's own designators, then the target port's (SPC-4 7.8.6)
             group = self.port_groups.group_of(task.nexus)
             body = data[4:4 + u16(data, 2)] + spc.target_port_designators(task.nexus, group)
             page = data[:2] + struct.pack(">H", len(body)) + body
             return page[:allocation]
+        if len(data) >= 4:
+            data = data[:u16(data, 2) + 4]
         if cdb[2] == 0xB0 and len(data) >= 12 and self.peripheral_type == DISK:
             page = bytearray(data)
             most = self.sg.max_transfer // self._block_length()
