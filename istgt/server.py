@@ -15,7 +15,7 @@ from istgt.iscsi.connection import Connection, corked
 from istgt.iscsi.session import SessionRegistry
 from istgt.lu.backends import BackendError, FileBackend
 from istgt.lu.images import ImageBackend, image_location
-from istgt.lu.rbd import RbdBackend
+from istgt.lu.rbd import RbdAtomicWrites, RbdBackend
 from istgt.lu.shared_reservations import SharedReservations
 from istgt.scsi.alua import GatewayPortGroups
 from istgt.lu.copy_targets import CopyTargets
@@ -92,10 +92,13 @@ def _build_disk(lu_config, lun, state_directory: str | None):
         except OSError as e:
             backend.close()
             raise StartupError(f"{where}: reservations in the cluster: {e}") from None
+        if not lu_config.read_only:
+            journal = RbdAtomicWrites(backend)
     if state_directory is not None:
         prefix = os.path.join(state_directory, f"{lu_config.name}.lun{lun.number}")
         state = state or StateFile(f"{prefix}.pr.json")
         # WRITE ATOMIC's journal is a local file: not for an image other gateways write too
+        # (RBD LUs have RbdAtomicWrites)
         if not lu_config.read_only and not isinstance(backend, RbdBackend):
             try:
                 journal = AtomicWriteJournal(f"{prefix}.atomic")

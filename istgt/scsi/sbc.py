@@ -490,15 +490,24 @@ class DiskDevice:
             struct.pack_into(">I", body, 24, granularity)
             struct.pack_into(">I", body, 28, 0x80000000)  # UGAVALID, alignment 0
         struct.pack_into(">Q", body, 32, self.max_write_same_blocks)
-        # Page bytes 44..63: atomic transfer length; no alignment, granularity or boundaries.
-        struct.pack_into(">I", body, 40, self.max_atomic_blocks)
+        # Page bytes 40..63: atomic transfer length and alignment; no granularity, no
+        # boundaries.
+        struct.pack_into(">II", body, 40, self.max_atomic_blocks, self.atomic_alignment_blocks)
         return bytes(body)
 
     @property
     def max_atomic_blocks(self) -> int:
         if self.atomic_journal is None:
             return 0
-        return MAX_ATOMIC_TRANSFER_BYTES // self.block_length
+        most = getattr(self.atomic_journal, "max_bytes", MAX_ATOMIC_TRANSFER_BYTES)
+        return most // self.block_length
+
+    @property
+    def atomic_alignment_blocks(self) -> int:
+        """Where an atomic write must start (0: anywhere): a store that is atomic only
+        within pieces of its own (an RBD object) needs writes that stay inside one."""
+        alignment = getattr(self.atomic_journal, "alignment_bytes", 0)
+        return alignment // self.block_length
 
     @property
     def max_write_same_blocks(self) -> int:
@@ -793,6 +802,9 @@ def write_atomic(device: DiskDevice, task: ScsiTask) -> None:
     device.check_range(lba, blocks)
     if blocks > device.max_atomic_blocks:
         raise invalid_field_in_cdb(12)
+    alignment = device.atomic_alignment_blocks
+    if alignment and lba % alignment:
+        raise invalid_field_in_cdb(2)          # ATOMIC ALIGNMENT of the Block Limits page
     device.check_writable()
     if blocks == 0:
         return

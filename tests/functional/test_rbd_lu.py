@@ -166,3 +166,25 @@ def test_an_lu_that_fails_to_start_leaves_no_watch_on_the_cluster(make_target, c
     watchers = ceph_cluster._run(["rados", "-c", str(ceph_cluster.conf), "-p", "rbd",
                                   "listwatchers", "istgt.pr.broken"], 30)
     assert watchers.strip() == "", watchers
+
+
+def write_atomic(initiator, lba, data):
+    cdb = struct.pack(">BBQHHBB", 0x9C, 0, lba, 0, len(data) // 512, 0, 0)
+    return initiator.scsi(cdb, data_out=data)
+
+
+def test_write_atomic_on_rbd_stays_inside_one_object(make_target, ceph_cluster):
+    """RADOS applies a write to one object whole or not at all: WRITE ATOMIC is offered
+    with an ATOMIC ALIGNMENT that keeps every atomic write inside one object."""
+    target = rbd_target(make_target, ceph_cluster, "atomic")
+    initiator = target.session()
+    limits = initiator.scsi(bytes([0x12, 0x01, 0xB0, 0x00, 0x40, 0]), read_length=64).data
+    most, alignment = struct.unpack_from(">II", limits, 44)   # page bytes 44-51
+    assert most == alignment == 2048                  # 1 MiB of 512-byte blocks
+    payload = os.urandom(8 * 512)
+    assert write_atomic(initiator, 2048, payload).status == GOOD
+    assert initiator.read10(2048, 8).data == payload
+    for lba, blocks, field in ((2049, 8, 2), (0, 2049, 12)):
+        result = write_atomic(initiator, lba, bytes(blocks * 512))
+        assert result.status == CHECK_CONDITION and asc_ascq(result.sense) == (0x24, 0x00)
+        assert struct.unpack(">H", result.sense[16:18])[0] == field
