@@ -300,8 +300,22 @@ class ImageBackend:
         return self._client.export.size
 
     def grow(self, size: int) -> None:
-        raise BackendError(self.path, "growing a disk image online is not supported "
-                                      "(resize it with qemu-img while the LU is unloaded)")
+        """Expose `size` bytes: the image is grown first when it holds fewer (qemu's resize
+        of the format node: qcow2, raw, vdi, vhdx ... each as the format allows)."""
+        if size <= self.size:
+            raise BackendError(self.path, f"{size} bytes is not larger than {self.size}")
+        if self.read_only:
+            raise BackendError(self.path, "read-only: cannot grow")
+        if self._client.export.size < size:
+            try:
+                daemon.resize(self.location.key, size, self.path)
+                self._client.reconnect_now()
+            except OSError as exc:
+                raise BackendError(self.path, f"cannot grow to {size} bytes: {exc}") from None
+        if self._client.export.size < size:
+            raise BackendError(self.path, f"holds {self._client.export.size} bytes, "
+                                          f"less than {size}")
+        self.size = size
 
     def close(self) -> None:
         if self._client is None:

@@ -208,12 +208,27 @@ class NbdClient:
         self._lock = threading.Lock()           # _pending, _sock and sending
         self._closing = False
         self._sock = self._open()
-        self.export = self._export
         self._status_lock = threading.Lock()
         self._status_sock: socket.socket | None = None
         self._reader = threading.Thread(target=self._read_replies, name=f"nbd-{name}",
                                         daemon=True)
         self._reader.start()
+
+    @property
+    def export(self) -> Export:
+        """What the latest handshake said (a reconnect may bring a new size)."""
+        return self._export
+
+    def reconnect_now(self, timeout: float = 30.0) -> None:
+        """Drop the connection and wait until the reader has a new one (the export was
+        re-added, e.g. with a new size); unanswered requests are sent again."""
+        old = self._sock
+        self._shutdown_socket()
+        deadline = time.monotonic() + timeout
+        while self._sock is old and not self._closing and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self._sock is old:
+            raise OSError(errno.ETIMEDOUT, f"NBD export {self.name}: no new connection")
 
     def _open(self) -> socket.socket:
         sock = connect_unix(self.path)

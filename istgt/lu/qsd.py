@@ -168,6 +168,28 @@ class StorageDaemon:
             if not self._exports:
                 self._stop()
 
+    def resize(self, key: str, size: int, describe: str) -> None:
+        """Grow an exported image to `size` bytes. An NBD export never changes size, so it
+        is removed, the image grown and the export added again; its clients reconnect."""
+        with self._lock:
+            export = self._exports[key]
+            self._qmp.execute("block-export-del", id=export.name, mode="hard")
+            self._wait_export_gone(export)
+            try:
+                self._qmp.execute("block_resize", **{"node-name": export.node_name(
+                    len(export.nodes) - 1)}, size=size)
+            finally:
+                self._qmp.execute("block-export-add", type="nbd", id=export.name,
+                                  **{"node-name": export.node_name(len(export.nodes) - 1)},
+                                  name=export.name, writable=not export.read_only)
+
+    def _wait_export_gone(self, export: _Export) -> None:
+        deadline = time.monotonic() + 5
+        while any(e.get("id") == export.name for e in self._qmp.execute("query-block-exports")):
+            if time.monotonic() > deadline:
+                raise StorageDaemonError(0, f"export {export.name} did not go away")
+            time.sleep(0.02)
+
     def _add(self, export: _Export, describe: str) -> None:
         qmp = self._qmp
         added: list[str] = []

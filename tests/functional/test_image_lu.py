@@ -160,3 +160,25 @@ def test_reload_adds_and_removes_image_exports(target, tmp_path):
     assert target.server.reload().removed == [f"{NODE_BASE}:imagedisk"]
     assert daemon.pid is None
     assert target.session().tur().status == GOOD
+
+
+def test_an_image_lu_grows_online(make_target, tmp_path):
+    """RESIZE of an image LU grows the image (the export is re-added: NBD exports have a
+    fixed size) while the session goes on; the new blocks are there for the initiator."""
+    target = image_target(make_target, tmp_path, name="grow.qcow2", size="8MB")
+    initiator = target.session()
+    assert initiator.write10(0, b"\x31" * 512).status == GOOD
+    device = target.server.units[1].devices[0]
+    assert device.resize(16 * MiB) == 16 * MiB // 512
+    attention = initiator.tur()                     # CAPACITY DATA HAS CHANGED
+    assert attention.status == CHECK_CONDITION and asc_ascq(attention.sense) == (0x2A, 0x09)
+    capacity = initiator.scsi(bytes([0x9E, 0x10]) + bytes(8) + struct.pack(">I", 32) + bytes(2),
+                              read_length=32)
+    assert struct.unpack_from(">Q", capacity.data)[0] == 16 * MiB // 512 - 1
+    assert initiator.write10(24 * 1024, b"\x32" * 512).status == GOOD   # past the old end
+    assert initiator.read10(24 * 1024, 1).data == b"\x32" * 512
+    assert initiator.read10(0, 1).data == b"\x31" * 512
+    target.stop()
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(tmp_path / "grow.qcow2")],
+                          capture_output=True, text=True, check=True).stdout
+    assert '"virtual-size": 16777216' in info
