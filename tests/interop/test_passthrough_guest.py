@@ -120,8 +120,9 @@ def read10(initiator, lba: int, blocks: int = 1):
 
 
 def test_device_errors_reach_the_initiator_and_a_removed_device_is_not_ready(guest):
-    """scsi_debug's injected MEDIUM ERROR comes back as the device's sense; when the device
-    is deleted in the guest, its LUN answers NOT READY while the other LUNs keep working."""
+    """scsi_debug's injected MEDIUM ERROR, and its NOT READY while stopped, come back as the
+    device's sense; when the device is deleted in the guest, its LUN answers NOT READY while
+    the other LUNs keep working."""
     machine, port, _, _, _ = guest
     debug = session(port, "pass-debug")
     assert read10(debug, 0).status == 0
@@ -129,6 +130,13 @@ def test_device_errors_reach_the_initiator_and_a_removed_device_is_not_ready(gue
     assert failed.status == 2
     sense = failed.sense
     assert sense[2] & 0x0F == 0x03 and sense[12] == 0x11, sense.hex()   # MEDIUM ERROR, 11/xx
+    stop_unit = debug.scsi(bytes([0x1B, 0, 0, 0, 0x00, 0]))      # START STOP UNIT: stop
+    assert stop_unit.status == 0
+    stopped = read10(debug, 0)
+    assert stopped.status == 2 and stopped.sense[2] & 0x0F == 0x02, stopped.sense.hex()
+    assert stopped.sense[12] == 0x04                               # the device's NOT READY
+    assert debug.scsi(bytes([0x1B, 0, 0, 0, 0x01, 0])).status == 0  # started again
+    assert read10(debug, 0).status == 0
     disk = session(port, "pass-disk")
     (machine.job / "remove").touch()
     assert machine.wait_for("DEBUG REMOVED", 60)
