@@ -42,10 +42,15 @@ SG_SCSI_RESET_DEVICE = 1
 SG_DXFER_NONE, SG_DXFER_TO_DEV, SG_DXFER_FROM_DEV = -1, -2, -3
 SENSE_MAX = 252
 DID_OK = 0
+DID_NO_CONNECT, DID_BAD_TARGET = 0x01, 0x04          # the device is not there
+GONE_ERRNOS = frozenset({errno.ENODEV, errno.ENXIO})
+MAX_BUFFER = 16 << 20        # a Data-In/Out buffer larger than this is refused, not allocated
+PIECE_MAX = 1 << 20          # split pieces: what sg's indirect buffers take on any host
 # ms per command class; tape motion and formatting take long
 TIMEOUT_DEFAULT_MS = 60_000
 TIMEOUT_LONG_MS = 4 * 3600_000
-LONG_COMMANDS = frozenset({0x01, 0x04, 0x10, 0x11, 0x19, 0x1B, 0x2B, 0x48, 0x91, 0x92})
+LONG_COMMANDS = frozenset({0x01, 0x04, 0x10, 0x11, 0x19, 0x1B, 0x2B, 0x35, 0x41, 0x42, 0x48,
+                           0x91, 0x92, 0x93, 0x2F, 0x8F, 0x9F})
 EMULATED = frozenset({Opcode.PERSISTENT_RESERVE_IN, Opcode.PERSISTENT_RESERVE_OUT, 0x16, 0x17,
                       0x56, 0x57})
 READS = {0x08: 6, 0x28: 10, 0xA8: 12, 0x88: 16}
@@ -75,7 +80,24 @@ _libc.ioctl.restype = ctypes.c_int
 
 
 class DeviceGone(OSError):
-    """The device did not answer at all (removed, or the transport failed)."""
+    """The device is not there any more (removed, or no longer reachable)."""
+
+
+class TransportTrouble(OSError):
+    """SG_IO or the host adapter failed this command; the device may be fine."""
+
+    def __init__(self, error: int, message: str, busy: bool) -> None:
+        super().__init__(error, message)
+        self.busy = busy            # worth retrying as it is (BUSY), else ABORTED COMMAND
+
+
+def cdb_length(cdb: bytes) -> int:
+    """The CDB's own length from its group code (the BHS always carries 16 bytes)."""
+    if cdb[0] == 0x7F and len(cdb) > 7:
+        return min(len(cdb), 8 + cdb[7])
+    if len(cdb) > 16:
+        return len(cdb)                     # an extended CDB from an AHS
+    return min({0: 6, 1: 10, 2: 10, 4: 16, 5: 12}.get(cdb[0] >> 5, 16), len(cdb))
 
 
 class SgDevice:
@@ -88,10 +110,14 @@ class SgDevice:
         base = f"/sys/class/scsi_generic/{self.sg_name}/device"
         self.peripheral_type = int(_read_sysfs(f"{base}/type") or "0")
         self.max_transfer = max_transfer_bytes(base)
+        self.logical_block_size = logical_block_size(base)
 
     def command(self, cdb: bytes, direction: int, buffer: bytearray | memoryview | None,
                 timeout_ms: int) -> tuple[int, bytes, int]:
         """(SCSI status, sense, residual); DeviceGone when the device did not answer."""
+        if len(cdb) > SENSE_MAX:
+            raise TransportTrouble(errno.EINVAL, f"{self.path}: a {len(cdb)}-byte CDB",
+                                   busy=False)
         cdb_buffer = ctypes.create_string_buffer(bytes(cdb), len(cdb))
         sense = ctypes.create_string_buffer(SENSE_MAX)
         length = len(buffer) if buffer is not None else 0
@@ -105,9 +131,16 @@ class SgDevice:
         del data
         if result < 0:
             error = ctypes.get_errno()
-            raise DeviceGone(error, f"{self.path}: SG_IO: {os.strerror(error)}")
+            message = f"{self.path}: SG_IO: {os.strerror(error)}"
+            if error in GONE_ERRNOS:
+                raise DeviceGone(error, message)
+            raise TransportTrouble(error, message, busy=error in (errno.EINTR, errno.ENOMEM,
+                                                                  errno.EAGAIN, errno.EDOM))
+        if header.host_status in (DID_NO_CONNECT, DID_BAD_TARGET):
+            raise DeviceGone(errno.ENODEV, f"{self.path}: host status {header.host_status}")
         if header.host_status != DID_OK:
-            raise DeviceGone(errno.EIO, f"{self.path}: host status {header.host_status}")
+            raise TransportTrouble(errno.EIO, f"{self.path}: host status {header.host_status}",
+                                   busy=True)
         return header.status, sense.raw[:header.sb_len_wr], header.resid
 
     def reset(self) -> None:
@@ -148,16 +181,22 @@ def sg_name_of(path: str) -> str:
 
 
 def max_transfer_bytes(device_dir: str) -> int:
-    """The most one command may move: the block queue's limit for disks and CD/DVD, the
-    host's for other types."""
+    """The most one command may move: the block queue's current limit (max_sectors_kb) for
+    disks and CD/DVD, never more than PIECE_MAX, which sg's buffers take on any host."""
     for block in _listdir(f"{device_dir}/block"):
-        value = _read_sysfs(f"{device_dir}/block/{block}/queue/max_hw_sectors_kb")
+        value = _read_sysfs(f"{device_dir}/block/{block}/queue/max_sectors_kb")
         if value and value.isdigit():
-            return int(value) * 1024
-    host = _read_sysfs(f"{device_dir}/../../../scsi_host/{os.path.basename(os.path.realpath(device_dir + '/../../..'))}/max_sectors")
-    if host and host.isdigit():
-        return int(host) * 512
-    return 512 * 1024
+            return min(int(value) * 1024, PIECE_MAX)
+    return PIECE_MAX
+
+
+def logical_block_size(device_dir: str) -> int:
+    """From sysfs, so no READ CAPACITY of ours takes the device's unit attentions."""
+    for block in _listdir(f"{device_dir}/block"):
+        value = _read_sysfs(f"{device_dir}/block/{block}/queue/logical_block_size")
+        if value and value.isdigit():
+            return int(value)
+    return 512
 
 
 def _listdir(path: str) -> list[str]:
@@ -183,7 +222,7 @@ class PassThroughDevice:
         self.sg = sg
         self.path = lun.path
         self.peripheral_type = sg.peripheral_type
-        self.block_length = 512
+        self.block_length = sg.logical_block_size
         self.block_count = 0
         self.port_groups = alua.TargetPortGroups.of_unit(lu)
         self.reservations = pr.ReservationState(
@@ -210,9 +249,23 @@ class PassThroughDevice:
             if not self._gone:
                 log.error("LUN%d: %s: the device is gone", self.lun_number, exc)
             self._gone = True
-            task.status = ScsiStatus.CHECK_CONDITION
-            task.sense = encode_sense(SenseKey.NOT_READY, Asc.LOGICAL_UNIT_NOT_READY)
-            task.data_in = None
+            self._answer(task, SenseKey.NOT_READY, Asc.LOGICAL_UNIT_NOT_READY)
+        except TransportTrouble as exc:
+            log.warning("LUN%d: %s", self.lun_number, exc)
+            if exc.busy:
+                task.status, task.sense, task.data_in = ScsiStatus.BUSY, b"", None
+            else:
+                self._answer(task, SenseKey.ABORTED_COMMAND, Asc.INTERNAL_TARGET_FAILURE)
+        except Exception:        # a target answers every command, even when this code is wrong
+            log.exception("LUN%d: internal error passing CDB %s through", self.lun_number,
+                          task.cdb.hex())
+            self._answer(task, SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)
+
+    @staticmethod
+    def _answer(task: ScsiTask, key: int, asc: int) -> None:
+        task.status = ScsiStatus.CHECK_CONDITION
+        task.sense = encode_sense(key, asc)
+        task.data_in = None
 
     def reset(self, kind: Any = "lun", from_peer: bool = False) -> None:
         self.reservations.reset()
@@ -258,9 +311,16 @@ class PassThroughDevice:
         if opcode in EMULATED:
             self._reservation_command(task)
             return
+        if opcode == Opcode.REPORT_LUNS:            # the target's LUN map, not the host's
+            spc.execute_report_luns(task, self._all_luns)
+            return
+        disk_io = self.peripheral_type == DISK and (opcode in READS or opcode in WRITES)
+        if task.transfer_length > MAX_BUFFER and not disk_io:
+            raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB)
         task.data_out_length = None       # the device decides; residuals are its own
-        if self.peripheral_type == DISK and (opcode in READS or opcode in WRITES):
-            self._read_write(task)
+        cdb = cdb[:cdb_length(cdb)]
+        if disk_io:
+            self._read_write(task, cdb)
             return
         self._pass(task, cdb, task.transfer_length)
         if opcode == Opcode.INQUIRY and task.status == ScsiStatus.GOOD and task.data_in:
@@ -284,41 +344,46 @@ class PassThroughDevice:
 
     # --- READ and WRITE on a disk: split at the device's limit ---------------------------------
 
-    def _read_write(self, task: ScsiTask) -> None:
-        cdb = task.cdb
+    def _read_write(self, task: ScsiTask, cdb: bytes) -> None:
+        """READ/WRITE on a disk: a buffer the size the CDB asks for (the transport reports
+        any difference with EDTL as a residual), split into pieces the host takes."""
         lba, blocks = _lba_and_blocks(cdb)
-        block = self._block_length()
+        block = self.sg.logical_block_size
         total = blocks * block
-        if total <= self.sg.max_transfer or cdb[0] in (0x08, 0x0A) \
-                or total != task.transfer_length:
-            # within the limit, or a CDB and EDTL that disagree: as it is, the device's
-            # residual says what happened
-            self._pass(task, cdb, task.transfer_length)
+        writing = task.data_out is not None
+        if writing:
+            task.data_out_length = total
+            if len(task.data_out) < total:
+                # less data than the CDB writes: the device would be sent garbage
+                raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB)
+        if total > MAX_BUFFER * 16:
+            raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB)
+        if total <= self.sg.max_transfer or cdb[0] in (0x08, 0x0A):
+            self._pass(task, cdb, total)
             return
         per = max(1, self.sg.max_transfer // block)
         pieces = []
+        recovered = b""
         done = 0
         while done < blocks:
             count = min(per, blocks - done)
             piece = _with_lba_and_blocks(cdb, lba + done, count)
             self._pass(task, piece, count * block, offset=done * block)
             if task.status != ScsiStatus.GOOD:
-                task.data_in = None
-                return
+                if task.status == ScsiStatus.CHECK_CONDITION and \
+                        _sense_key(task.sense) == SenseKey.RECOVERED_ERROR:
+                    recovered = recovered or task.sense    # done, with a note: go on
+                else:
+                    task.data_in = None
+                    return
             if task.data_in is not None:
                 pieces.append(bytes(task.data_in))
             done += count
-        task.data_in = b"".join(pieces) if task.data_out is None else None
-
-    def _block_length(self) -> int:
-        if self.block_count == 0:
-            buffer = bytearray(8)
-            status, _, _ = self.sg.command(bytes([0x25] + [0] * 9), SG_DXFER_FROM_DEV, buffer,
-                                           TIMEOUT_DEFAULT_MS)
-            if status == ScsiStatus.GOOD:
-                self.block_count = u32(buffer, 0) + 1
-                self.block_length = u32(buffer, 4) or 512
-        return self.block_length
+        task.data_in = b"".join(pieces) if not writing else None
+        if recovered:
+            task.status, task.sense = ScsiStatus.CHECK_CONDITION, recovered
+        else:
+            task.status, task.sense = ScsiStatus.GOOD, b""
 
     # --- what the target owns ------------------------------------------------------------------
 
@@ -328,6 +393,14 @@ class PassThroughDevice:
             # what the data says it holds, not a device's padding up to the allocation
             # length (QEMU's scsi-hd pads, and the sg residual then says 0)
             return data[:data[4] + 5] if len(data) > 4 else data
+        if cdb[2] == 0x83 and len(data) >= 4 and u16(data, 2) + 4 > len(data):
+            # cut short by the allocation length: ask for the whole page, then add ours
+            whole = bytearray(u16(data, 2) + 4)
+            status, _, residual = self.sg.command(bytes([0x12, 0x01, 0x83]) +
+                                                  struct.pack(">H", len(whole)) + b"\0",
+                                                  SG_DXFER_FROM_DEV, whole, TIMEOUT_DEFAULT_MS)
+            if status == ScsiStatus.GOOD:
+                data = bytes(whole[:len(whole) - residual])
         if cdb[2] == 0x83 and len(data) >= 4:
             # the device's own designators, then the target port's (SPC-4 7.8.6)
             group = self.port_groups.group_of(task.nexus)
@@ -338,9 +411,10 @@ class PassThroughDevice:
             data = data[:u16(data, 2) + 4]
         if cdb[2] == 0xB0 and len(data) >= 12 and self.peripheral_type == DISK:
             page = bytearray(data)
-            most = self.sg.max_transfer // self._block_length()
-            if not u32(page, 8) or u32(page, 8) > most:
-                struct.pack_into(">I", page, 8, most)
+            most = self.sg.max_transfer // self.sg.logical_block_size
+            for offset in (8, 12):          # MAXIMUM and OPTIMAL TRANSFER LENGTH
+                if not u32(page, offset) or u32(page, offset) > most:
+                    struct.pack_into(">I", page, offset, most)
             return bytes(page)
         return data
 
@@ -370,6 +444,12 @@ class PassThroughDevice:
             for nexus, pending in self._unit_attentions.items():
                 if pr.nexus_matches(pattern, nexus) and asc not in pending:
                     pending.append(asc)
+
+
+def _sense_key(sense: bytes) -> int:
+    if len(sense) < 3:
+        return 0
+    return (sense[1] if sense[0] & 0x7F >= 0x72 else sense[2]) & 0x0F
 
 
 def _lba_and_blocks(cdb: bytes) -> tuple[int, int]:

@@ -18,6 +18,7 @@ OTHER = ITNexus("iqn.1994-05.com.example:b,i,0x2", "iqn.x:pass,t,0x0001", 1)
 
 class FakeSg:
     def __init__(self, peripheral_type=0, max_transfer=1 << 20):
+        self.logical_block_size = 512
         self.peripheral_type = peripheral_type
         self.max_transfer = max_transfer
         self.commands = []
@@ -145,3 +146,48 @@ def test_the_lba_and_length_of_a_piece_are_rewritten_and_nothing_else():
     piece = _with_lba_and_blocks(cdb, 9, 4)
     assert _lba_and_blocks(piece) == (9, 4) and piece[1] == 0x08 and piece[6] == 0x3
     assert piece[9] == 0x7
+
+
+def test_report_luns_is_the_targets_and_cdbs_go_with_their_own_length():
+    sg = FakeSg()
+    d = ready(device(sg))
+    d.set_lun_numbers([0, 3])
+    task = run(d, bytes([0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]), edtl=256)
+    assert task.status == ScsiStatus.GOOD and struct.unpack(">I", task.data_in[:4])[0] == 16
+    assert sg.commands == []                                  # never reached the device
+    run(d, struct.pack(">BBIBHB", 0x28, 0, 0, 0, 1, 0).ljust(16, b"\0"), edtl=512)
+    assert len(sg.commands[-1][0]) == 10                     # not the BHS's 16 bytes
+
+
+def test_a_recovered_error_in_one_piece_does_not_cut_the_transfer_short():
+    sg = FakeSg(max_transfer=64 * 1024)
+    d = ready(device(sg))
+    answers = iter([(ScsiStatus.GOOD, b"", 0),
+                    (ScsiStatus.CHECK_CONDITION, b"\x70\x00\x01" + bytes(15), 0),
+                    (ScsiStatus.GOOD, b"", 0)])
+    original = sg.command
+
+    def command(cdb, direction, buffer, timeout):
+        original(cdb, direction, buffer, timeout)
+        return next(answers)
+    sg.command = command
+    task = run(d, struct.pack(">BBQIBB", 0x88, 0, 0, 300, 0, 0), edtl=300 * 512)
+    assert len(task.data_in) == 300 * 512                    # every piece ran
+    assert task.status == ScsiStatus.CHECK_CONDITION and task.sense[2] & 0x0F == 0x01
+
+
+def test_transport_trouble_is_busy_and_a_bug_is_never_good():
+    from istgt.scsi.passthrough import TransportTrouble
+    sg = FakeSg()
+    d = ready(device(sg))
+
+    def interrupted(*_):
+        raise TransportTrouble(4, "EINTR", busy=True)
+    sg.command = interrupted
+    assert run(d, bytes(6)).status == ScsiStatus.BUSY
+
+    def broken(*_):
+        raise struct.error("a bug")
+    sg.command = broken
+    task = run(d, bytes(6))
+    assert task.status == ScsiStatus.CHECK_CONDITION and task.sense[2] & 0x0F == 0x04
