@@ -190,8 +190,14 @@ class LogicalUnit:
             cleared(by_nexus)
 
     def lun_reset(self, lun: int) -> None:
-        self.abort(lambda t: t.lun == lun)
         device = self.devices.get(lun)
+        if getattr(device, "reset_unblocks_tasks", False):
+            # a real device (pass-through): its reset is what ends the commands it holds,
+            # so it comes before waiting for them
+            device.reset("lun")
+            self.abort(lambda t: t.lun == lun)
+            return
+        self.abort(lambda t: t.lun == lun)
         if device is not None:
             device.reset("lun")
 

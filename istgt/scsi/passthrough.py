@@ -216,6 +216,7 @@ class PassThroughDevice:
     """One `LUNn Device` of a Pass unit."""
 
     UA_EXEMPT = frozenset({Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE})
+    reset_unblocks_tasks = True         # LU reset: reset the device, then wait for its tasks
 
     def __init__(self, lu: Any, lun: Any, sg: SgDevice) -> None:
         self.lun_number = lun.number

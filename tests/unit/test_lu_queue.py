@@ -323,3 +323,28 @@ def test_shutdown_waits_for_commands_running_on_a_receiver():
     lu.shutdown()
     receiver.join(5)
     assert dev.closed and not dev.ran_after_close
+
+
+class HeldByDevice(SlowDevice):
+    """A device command that ends only when the device is reset (a pass-through LUN)."""
+
+    reset_unblocks_tasks = True
+
+    def __init__(self):
+        super().__init__()
+        self.resets = 0
+
+    def reset(self, kind):
+        self.resets += 1
+        self.gate.set()
+
+
+def test_a_lu_reset_resets_a_real_device_before_waiting_for_its_commands():
+    dev = HeldByDevice()
+    lu = LogicalUnit(Config(8), {0: dev}, max_sessions=1)
+    lu.submit(Task(1), lambda t, a: None)
+    assert wait_for(lambda: dev.started == [1])
+    started = time.monotonic()
+    lu.lun_reset(0)
+    assert dev.resets == 1 and time.monotonic() - started < 2   # not the 5 s the command holds
+    lu.shutdown()
