@@ -26,10 +26,10 @@ import errno
 import logging
 import os
 import struct
-import threading
 from typing import Any
 
 from istgt.scsi import alua, pr, spc
+from istgt.scsi.attentions import NexusAttentions
 from istgt.scsi.command import ITNexus, ScsiTask, u16, u32
 from istgt.scsi.constants import Asc, Opcode, ScsiStatus, SenseKey
 from istgt.scsi.sense import CheckCondition, encode_sense
@@ -212,7 +212,7 @@ def timeout_for(opcode: int, peripheral_type: int) -> int:
     return TIMEOUT_DEFAULT_MS
 
 
-class PassThroughDevice:
+class PassThroughDevice(NexusAttentions):
     """One `LUNn Device` of a Pass unit."""
 
     UA_EXEMPT = frozenset({Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE})
@@ -231,8 +231,7 @@ class PassThroughDevice:
             target_ports=self.port_groups.target_ports)
         self.abort_nexuses: Any = None
         self.abort_lun_tasks: Any = None
-        self._state_lock = threading.Lock()
-        self._unit_attentions: dict[ITNexus, list[int]] = {}
+        self._init_attentions()
         self._gone = False
         self._all_luns: list[int] = [lun.number]
 
@@ -274,9 +273,7 @@ class PassThroughDevice:
             self.sg.reset()
         except OSError as exc:
             log.warning("LUN%d: device reset failed: %s", self.lun_number, exc)
-        with self._state_lock:
-            for pending in self._unit_attentions.values():
-                pending[:] = [Asc.BUS_DEVICE_RESET_FUNCTION_OCCURRED]
+        self._reset_unit_attentions(Asc.BUS_DEVICE_RESET_FUNCTION_OCCURRED)
 
     def nexus_lost(self, nexus: ITNexus) -> None:
         self.reservations.nexus_lost(nexus)
@@ -429,22 +426,6 @@ class PassThroughDevice:
             (self.reservations.reserve6 if opcode == 0x16 else self.reservations.reserve10)(task)
         else:
             (self.reservations.release6 if opcode == 0x17 else self.reservations.release10)(task)
-
-    def _take_unit_attention(self, nexus: ITNexus, consume: bool) -> int | None:
-        with self._state_lock:
-            pending = self._unit_attentions.get(nexus)
-            if pending is None:
-                pending = [Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET]
-                self._unit_attentions[nexus] = pending
-            if consume and pending:
-                return pending.pop(0)
-            return None
-
-    def _reservation_unit_attention(self, pattern: ITNexus, asc: int) -> None:
-        with self._state_lock:
-            for nexus, pending in self._unit_attentions.items():
-                if pr.nexus_matches(pattern, nexus) and asc not in pending:
-                    pending.append(asc)
 
 
 def _sense_key(sense: bytes) -> int:

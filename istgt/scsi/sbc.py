@@ -30,6 +30,7 @@ from istgt.scsi.command import (
 )
 from istgt.scsi.extents import ExtentLocks
 from istgt.scsi.medium import MediumState
+from istgt.scsi.attentions import NexusAttentions
 from istgt.scsi.constants import (
     Asc,
     DataDirection,
@@ -98,7 +99,7 @@ def _attr(obj: Any, name: str, default: Any) -> Any:
     return default if value is None else value
 
 
-class DiskDevice:
+class DiskDevice(NexusAttentions):
     """One Disk LUN: `DiskDevice(lu_config, lun_config, backend)`."""
 
     peripheral_type = PeripheralDeviceType.DIRECT_ACCESS
@@ -155,9 +156,7 @@ class DiskDevice:
         self.removable: bool = bool(_attr(lun, "removable_disk", False))
         self.medium = MediumState(self.removable)
         self.sanitizing = sanitize.SanitizeState()
-        self._state_lock = threading.Lock()
-        # guarded by _state_lock: pending unit attentions per nexus (a known nexus has a list)
-        self._unit_attentions: dict[ITNexus, list[int]] = {}
+        self._init_attentions()
         # Keeps read-modify-write and atomic writes whole against overlapping commands.
         self.extents = ExtentLocks()
         # Set by the owning LogicalUnit: abort this LUN's tasks from the given nexus patterns
@@ -248,9 +247,7 @@ class DiskDevice:
         self.reservations.reset()
         self.copy_results.clear()
         self.medium.reset(kind)
-        with self._state_lock:
-            for pending in self._unit_attentions.values():
-                pending[:] = [kind.unit_attention]
+        self._reset_unit_attentions(kind.unit_attention)
 
     def tasks_cleared(self, by_nexus: ITNexus) -> None:
         """CLEAR TASK SET from `by_nexus` aborted other nexuses' commands (SAM-5 7.4)."""
@@ -315,22 +312,6 @@ class DiskDevice:
 
     # --- unit attentions --------------------------------------------------------------
 
-    def _take_unit_attention(self, nexus: ITNexus, consume: bool) -> int | None:
-        with self._state_lock:
-            pending = self._unit_attentions.get(nexus)
-            if pending is None:
-                pending = [Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET]
-                self._unit_attentions[nexus] = pending
-            if consume and pending:
-                return pending.pop(0)
-            return None
-
-    def _queue_unit_attention(self, asc: int, except_nexus: ITNexus | None = None) -> None:
-        with self._state_lock:
-            for nexus, pending in self._unit_attentions.items():
-                if nexus != except_nexus and asc not in pending:
-                    pending.append(asc)
-
     def pending_sense(self, nexus: ITNexus, descriptor: bool) -> bytes | None:
         """For REQUEST SENSE: the oldest unit attention (cleared), or the not-ready state."""
         with self._state_lock:
@@ -343,12 +324,6 @@ class DiskDevice:
         if not_ready is not None:
             return encode_sense(SenseKey.NOT_READY, not_ready, descriptor=descriptor)
         return None
-
-    def _reservation_unit_attention(self, pattern: ITNexus, asc: int) -> None:
-        with self._state_lock:
-            for nexus, pending in self._unit_attentions.items():
-                if pr.nexus_matches(pattern, nexus) and asc not in pending:
-                    pending.append(asc)
 
     def _save_reservations(self, effects: dict) -> None:
         if getattr(self._pr_state, "shared", False):
@@ -365,10 +340,7 @@ class DiskDevice:
         power-on attention before its next command, a SYNCHRONIZE CACHE included."""
         log.error("LUN%d: the backing store lost its write cache; unit attention to every "
                   "initiator", self.lun_number)
-        with self._state_lock:
-            for pending in self._unit_attentions.values():
-                if Asc.POWER_ON_OCCURRED not in pending:
-                    pending.append(Asc.POWER_ON_OCCURRED)
+        self._queue_unit_attention(Asc.POWER_ON_OCCURRED)
 
     def reset_by_peer(self) -> None:
         """Another gateway of this shared image received a LOGICAL UNIT RESET."""
