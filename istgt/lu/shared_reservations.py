@@ -152,9 +152,6 @@ class SharedReservations:
             log.error("%s: LU reset not passed to the other gateways: %s",
                       self._oid.decode(), exc)
 
-    def remove(self) -> None:
-        self._write(pr.EMPTY_SNAPSHOT)
-
     @contextlib.contextmanager
     def transaction(self, reservations):
         """One PR OUT at a time across the gateways, starting from the state in the
