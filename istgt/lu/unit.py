@@ -28,6 +28,10 @@ INLINE_SLOW_NS = 2_000_000
 INLINE_PAUSE_NS = 1_000_000_000
 INLINE_BATCH_BYTES = 1024 * 1024
 INLINE_MAX_BYTES = 128 * 1024   # larger transfers gain more from a worker's overlap (measured)
+ABORT_WAIT_S = 60
+# a real device (pass-through) holding an aborted command this long is reset: SG_IO cannot
+# abort one command, and FUNCTION COMPLETE must mean the command has no further effect
+DEVICE_ABORT_GRACE_S = 5.0
 
 
 def _never_quick(cdb) -> bool:
@@ -147,9 +151,28 @@ class LogicalUnit:
         removed, running = self._queue.abort(lambda e: match(e.task))
         for e in removed:                # never started: nobody else will call done
             e.done(e.task, True)
-        for e in running:                # its worker calls done(task, True) when it ends
-            e.finished.wait(60)
+        self._wait_aborted(running)      # their workers call done(task, True) when they end
         return removed + running
+
+    def _wait_aborted(self, running: list[QueuedTask]) -> None:
+        held = [e for e in running
+                if getattr(self.devices.get(e.task.lun), "reset_unblocks_tasks", False)]
+        if held:
+            deadline = time.monotonic() + DEVICE_ABORT_GRACE_S
+            held = [e for e in held
+                    if not e.finished.wait(max(0.0, deadline - time.monotonic()))]
+            for lun in sorted({e.task.lun for e in held}):
+                device = self.devices.get(lun)
+                if device is None:
+                    continue
+                log.warning("LU%d LUN%d: the device still holds an aborted command after "
+                            "%.0f s: resetting it", self.number, lun, DEVICE_ABORT_GRACE_S)
+                device.reset("lun")
+        deadline = time.monotonic() + ABORT_WAIT_S
+        for e in running:
+            if not e.finished.wait(max(0.0, deadline - time.monotonic())):
+                log.error("LU%d LUN%d: an aborted command is still running after %d s",
+                          self.number, e.task.lun, ABORT_WAIT_S)
 
     def abort_now(self, match) -> None:
         """Abort matching tasks without waiting: running ones just lose their answer, and

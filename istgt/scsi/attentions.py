@@ -3,6 +3,8 @@ tape subclasses, PassThroughDevice).
 
 A nexus seen for the first time has a power-on attention waiting; `_state_lock` guards
 `_unit_attentions` (subclasses keep more of their per-nexus state under the same lock).
+An attention is an ASC/ASCQ of the target's, or (pass-through) a device's sense relayed
+as it was.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ class NexusAttentions:
     def _init_attentions(self) -> None:
         self._state_lock = threading.Lock()
         # guarded by _state_lock: pending unit attentions per nexus (a known nexus has a list)
-        self._unit_attentions: dict[ITNexus, list[int]] = {}
+        self._unit_attentions: dict[ITNexus, list[int | bytes]] = {}
 
-    def _take_unit_attention(self, nexus: ITNexus, consume: bool) -> int | None:
+    def _take_unit_attention(self, nexus: ITNexus, consume: bool) -> int | bytes | None:
         with self._state_lock:
             pending = self._unit_attentions.get(nexus)
             if pending is None:
@@ -30,7 +32,7 @@ class NexusAttentions:
                 return pending.pop(0)
             return None
 
-    def _queue_unit_attention(self, asc: int, except_nexus: ITNexus | None = None) -> None:
+    def _queue_unit_attention(self, asc: int | bytes, except_nexus: ITNexus | None = None) -> None:
         with self._state_lock:
             for nexus, pending in self._unit_attentions.items():
                 if nexus != except_nexus and asc not in pending:

@@ -45,6 +45,7 @@ DID_OK = 0
 DID_NO_CONNECT, DID_BAD_TARGET = 0x01, 0x04          # the device is not there
 GONE_ERRNOS = frozenset({errno.ENODEV, errno.ENXIO})
 MAX_BUFFER = 16 << 20        # a Data-In/Out buffer larger than this is refused, not allocated
+DRAIN_TRIES = 8              # unit attentions a device may stack after a reset
 PIECE_MAX = 1 << 20          # split pieces: what sg's indirect buffers take on any host
 # ms per command class; tape motion and formatting take long
 TIMEOUT_DEFAULT_MS = 60_000
@@ -232,6 +233,7 @@ class PassThroughDevice(NexusAttentions):
         self.abort_nexuses: Any = None
         self.abort_lun_tasks: Any = None
         self._init_attentions()
+        self._drain_device_attentions()
         self._gone = False
         self._all_luns: list[int] = [lun.number]
 
@@ -273,7 +275,23 @@ class PassThroughDevice(NexusAttentions):
             self.sg.reset()
         except OSError as exc:
             log.warning("LUN%d: device reset failed: %s", self.lun_number, exc)
+        else:
+            self._drain_device_attentions()
         self._reset_unit_attentions(Asc.BUS_DEVICE_RESET_FUNCTION_OCCURRED)
+
+    def _drain_device_attentions(self) -> None:
+        """Take the attentions the device holds for the target itself (its reset, a
+        power-on at open): each nexus gets the target's own instead, once."""
+        for _ in range(DRAIN_TRIES):
+            try:
+                status, sense, _ = self.sg.command(bytes(6), SG_DXFER_NONE, None,
+                                                   TIMEOUT_DEFAULT_MS)
+            except OSError as exc:
+                log.warning("LUN%d: TEST UNIT READY after the reset: %s", self.lun_number, exc)
+                return
+            if status != ScsiStatus.CHECK_CONDITION or \
+                    _sense_key(sense) != SenseKey.UNIT_ATTENTION:
+                return
 
     def nexus_lost(self, nexus: ITNexus) -> None:
         self.reservations.nexus_lost(nexus)
@@ -301,6 +319,9 @@ class PassThroughDevice(NexusAttentions):
             raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_COMMAND_OPERATION_CODE)
         opcode = cdb[0]
         attention = self._take_unit_attention(task.nexus, consume=opcode not in self.UA_EXEMPT)
+        if isinstance(attention, bytes):          # the device's own, relayed to this nexus
+            task.status, task.sense = ScsiStatus.CHECK_CONDITION, attention
+            return
         if attention is not None:
             raise CheckCondition(SenseKey.UNIT_ATTENTION, attention)
         if self.reservations.conflicts(task):
@@ -337,6 +358,10 @@ class PassThroughDevice(NexusAttentions):
         self._gone = False
         task.status = status
         task.sense = sense
+        if status == ScsiStatus.CHECK_CONDITION and _sense_key(sense) == SenseKey.UNIT_ATTENTION:
+            # the device sees one initiator, the target: what it reports (medium changed,
+            # capacity or mode parameters changed...) concerns every nexus
+            self._queue_unit_attention(bytes(sense), except_nexus=task.nexus)
         if direction == SG_DXFER_FROM_DEV:
             task.data_in = buffer[:max(0, length - residual)]
 

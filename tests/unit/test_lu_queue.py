@@ -348,3 +348,33 @@ def test_a_lu_reset_resets_a_real_device_before_waiting_for_its_commands():
     lu.lun_reset(0)
     assert dev.resets == 1 and time.monotonic() - started < 2   # not the 5 s the command holds
     lu.shutdown()
+
+
+def test_an_abort_task_a_real_device_holds_resets_the_device_after_a_grace(monkeypatch):
+    """SG_IO cannot abort one command: one still held after the grace is ended by a device
+    reset, so FUNCTION COMPLETE means the command has no further effect."""
+    import istgt.lu.unit as unit
+    monkeypatch.setattr(unit, "DEVICE_ABORT_GRACE_S", 0.3)
+    dev = HeldByDevice()
+    lu = LogicalUnit(Config(8), {0: dev}, max_sessions=1)
+    answers = []
+    lu.submit(Task(1), lambda t, aborted: answers.append(aborted))
+    assert wait_for(lambda: dev.started == [1])
+    started = time.monotonic()
+    assert lu.abort_task("n1", 1)
+    assert dev.resets == 1 and 0.3 <= time.monotonic() - started < 2
+    assert answers == [True]                       # ended, and its answer dropped
+    lu.shutdown()
+
+
+def test_an_abort_task_a_real_device_ends_in_time_does_not_reset_it(monkeypatch):
+    import istgt.lu.unit as unit
+    monkeypatch.setattr(unit, "DEVICE_ABORT_GRACE_S", 2.0)
+    dev = HeldByDevice()
+    lu = LogicalUnit(Config(8), {0: dev}, max_sessions=1)
+    lu.submit(Task(1), lambda t, aborted: None)
+    assert wait_for(lambda: dev.started == [1])
+    threading.Timer(0.2, dev.gate.set).start()     # the device answers on its own
+    assert lu.abort_task("n1", 1)
+    assert dev.resets == 0
+    lu.shutdown()

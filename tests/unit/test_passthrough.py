@@ -47,7 +47,10 @@ class FakeSg:
 def device(sg=None):
     lu = SimpleNamespace(name="iqn.x:pass", mappings=((1, 1),))
     lun = SimpleNamespace(number=0, path="/dev/sg0")
-    d = PassThroughDevice(lu, lun, sg or FakeSg())
+    sg = sg or FakeSg()
+    d = PassThroughDevice(lu, lun, sg)
+    assert sg.commands[:1] == [(bytes(6), -1, 0)]    # the open took the device's attentions
+    sg.commands.clear()
     return d
 
 
@@ -191,3 +194,59 @@ def test_transport_trouble_is_busy_and_a_bug_is_never_good():
     sg.command = broken
     task = run(d, bytes(6))
     assert task.status == ScsiStatus.CHECK_CONDITION and task.sense[2] & 0x0F == 0x04
+
+
+UA_CAPACITY_CHANGED = bytes([0x70, 0, 0x06, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x2A, 0x09, 0, 0, 0, 0])
+
+
+def test_a_unit_attention_of_the_device_reaches_every_nexus_once():
+    """The device sees one initiator, the target: the attention it reports to whichever
+    nexus asked first is owed to the others too, as the device gave it."""
+    sg = FakeSg()
+    d = ready(ready(device(sg)), OTHER)
+    third = ITNexus("iqn.1994-05.com.example:c,i,0x3", "iqn.x:pass,t,0x0001", 1)
+    ready(d, third)
+    sg.answer = (ScsiStatus.CHECK_CONDITION, UA_CAPACITY_CHANGED, 0)
+    first = run(d, bytes(6))
+    assert first.status == ScsiStatus.CHECK_CONDITION and first.sense == UA_CAPACITY_CHANGED
+    sg.answer = (ScsiStatus.GOOD, b"", 0)
+    sent = len(sg.commands)
+    for nexus in (OTHER, third):
+        relayed = run(d, bytes(6), nexus)
+        assert relayed.status == ScsiStatus.CHECK_CONDITION
+        assert relayed.sense == UA_CAPACITY_CHANGED
+        assert run(d, bytes(6), nexus).status == ScsiStatus.GOOD
+    assert len(sg.commands) == sent + 2               # the relayed ones never reached it
+    assert run(d, bytes(6)).status == ScsiStatus.GOOD  # the first nexus had its own
+
+
+class ResetAttentionsSg(FakeSg):
+    """After a reset the device reports 29/00 once to the next command."""
+
+    def __init__(self):
+        super().__init__()
+        self.pending = 0
+
+    def reset(self):
+        super().reset()
+        self.pending = 2
+
+    def command(self, cdb, direction, buffer, timeout_ms):
+        if self.pending:
+            self.pending -= 1
+            self.commands.append((bytes(cdb), direction, 0))
+            return (ScsiStatus.CHECK_CONDITION, bytes([0x70, 0, 6]) + bytes(9) + b"\x29" +
+                    bytes(5), 0)
+        return super().command(cdb, direction, buffer, timeout_ms)
+
+
+def test_an_lu_reset_gives_each_nexus_the_targets_attention_not_the_devices_too():
+    sg = ResetAttentionsSg()
+    d = ready(ready(device(sg)), OTHER)
+    d.reset("lun")
+    assert sg.resets == 1
+    assert [c[0] for c in sg.commands] == [bytes(6)] * 3     # taken with TEST UNIT READY
+    for nexus in (NEXUS, OTHER):
+        task = run(d, bytes(6), nexus)
+        assert task.status == ScsiStatus.CHECK_CONDITION and task.sense[12:14] == b"\x29\x03"
+        assert run(d, bytes(6), nexus).status == ScsiStatus.GOOD
