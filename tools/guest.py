@@ -28,8 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "istgt-guest"
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
-PACKAGES = "linux-image-amd64,python3,kmod,iproute2,sg3-utils,procps"
-LAYOUT_VERSION = "2"            # bump when the image's content changes
+# tgt and open-iscsi: a virtual tape drive and changer attached to the guest over iSCSI,
+# as real SCSI tape and changer devices for the pass-through target
+PACKAGES = "linux-image-amd64,python3,kmod,iproute2,sg3-utils,procps,tgt,open-iscsi,mt-st"
+LAYOUT_VERSION = "3"            # bump when the image's content changes
 IMAGE_SIZE = "2G"
 
 INIT = """#!/bin/sh
@@ -171,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(args.command[1:] if args.command[:1] == ["--"] else args.command)
     guest = Guest(cache, command + "\n", [], None)
     guest.start()
-    guest.stop(600)
+    guest.process.wait(600)
     print(guest.console_text())
+    print(guest.output())
+    guest.stop()
     return 0
 
 

@@ -26,6 +26,8 @@ import errno
 import logging
 import os
 import struct
+import threading
+import time
 from typing import Any
 
 from istgt.scsi import alua, pr, spc
@@ -45,6 +47,7 @@ DID_OK = 0
 DID_NO_CONNECT, DID_BAD_TARGET = 0x01, 0x04          # the device is not there
 GONE_ERRNOS = frozenset({errno.ENODEV, errno.ENXIO})
 MAX_BUFFER = 16 << 20        # a Data-In/Out buffer larger than this is refused, not allocated
+REOPEN_INTERVAL_S = 1.0     # a gone device's path is tried again at most this often
 DRAIN_TRIES = 8              # unit attentions a device may stack after a reset
 PIECE_MAX = 1 << 20          # split pieces: what sg's indirect buffers take on any host
 # ms per command class; tape motion and formatting take long
@@ -112,10 +115,13 @@ class SgDevice:
         self.peripheral_type = int(_read_sysfs(f"{base}/type") or "0")
         self.max_transfer = max_transfer_bytes(base)
         self.logical_block_size = logical_block_size(base)
+        self.identity = device_identity(base)
 
     def command(self, cdb: bytes, direction: int, buffer: bytearray | memoryview | None,
                 timeout_ms: int) -> tuple[int, bytes, int]:
         """(SCSI status, sense, residual); DeviceGone when the device did not answer."""
+        if self.fd < 0:
+            raise DeviceGone(errno.ENODEV, f"{self.path}: closed, the device was gone")
         if len(cdb) > SENSE_MAX:
             raise TransportTrouble(errno.EINVAL, f"{self.path}: a {len(cdb)}-byte CDB",
                                    busy=False)
@@ -145,6 +151,8 @@ class SgDevice:
         return header.status, sense.raw[:header.sb_len_wr], header.resid
 
     def reset(self) -> None:
+        if self.fd < 0:
+            raise DeviceGone(errno.ENODEV, f"{self.path}: closed, the device was gone")
         value = ctypes.c_int(SG_SCSI_RESET_DEVICE)
         if _libc.ioctl(self.fd, SG_SCSI_RESET, ctypes.byref(value)) < 0:
             error = ctypes.get_errno()
@@ -179,6 +187,19 @@ def sg_name_of(path: str) -> str:
             except OSError:
                 continue
     raise OSError(errno.ENODEV, f"{path}: no SCSI generic (sg) node for it")
+
+
+def device_identity(device_dir: str) -> tuple:
+    """What tells one device from another: INQUIRY vendor and model, and the unit serial
+    number and device identification pages the kernel read at attach."""
+    parts = [_read_sysfs(f"{device_dir}/{name}") for name in ("vendor", "model", "rev")]
+    for page in ("vpd_pg80", "vpd_pg83"):
+        try:
+            with open(f"{device_dir}/{page}", "rb") as f:
+                parts.append(f.read())
+        except OSError:
+            parts.append(None)
+    return tuple(parts)
 
 
 def max_transfer_bytes(device_dir: str) -> int:
@@ -219,9 +240,11 @@ class PassThroughDevice(NexusAttentions):
     UA_EXEMPT = frozenset({Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE})
     reset_unblocks_tasks = True         # LU reset: reset the device, then wait for its tasks
 
-    def __init__(self, lu: Any, lun: Any, sg: SgDevice) -> None:
+    def __init__(self, lu: Any, lun: Any, sg: SgDevice, open_device: Any = SgDevice) -> None:
         self.lun_number = lun.number
         self.sg = sg
+        self._open_device = open_device
+        self._next_reopen = 0.0
         self.path = lun.path
         self.peripheral_type = sg.peripheral_type
         self.block_length = sg.logical_block_size
@@ -233,6 +256,7 @@ class PassThroughDevice(NexusAttentions):
         self.abort_nexuses: Any = None
         self.abort_lun_tasks: Any = None
         self._init_attentions()
+        self._swap_lock = threading.Lock()
         self._drain_device_attentions()
         self._gone = False
         self._all_luns: list[int] = [lun.number]
@@ -250,7 +274,23 @@ class PassThroughDevice(NexusAttentions):
         except DeviceGone as exc:
             if not self._gone:
                 log.error("LUN%d: %s: the device is gone", self.lun_number, exc)
+                self._next_reopen = time.monotonic() + REOPEN_INTERVAL_S
+                with self._swap_lock:
+                    # the kernel frees the sg node's number only at the last close: a
+                    # device that returns then gets its old node back
+                    self.sg.close()
             self._gone = True
+            try:
+                back = self._reopen()
+            except Exception:
+                log.exception("LUN%d: reopening %s", self.lun_number, self.path)
+                back = False
+            if back:
+                # back: the command was not run; every nexus hears of the power-on first
+                self._take_unit_attention(task.nexus, consume=False)
+                self._reset_unit_attentions(Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET)
+                self.execute(task)
+                return
             self._answer(task, SenseKey.NOT_READY, Asc.LOGICAL_UNIT_NOT_READY)
         except TransportTrouble as exc:
             log.warning("LUN%d: %s", self.lun_number, exc)
@@ -263,6 +303,31 @@ class PassThroughDevice(NexusAttentions):
                           task.cdb.hex())
             self._answer(task, SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)
 
+    def _reopen(self) -> bool:
+        """Whether the device came back under its path: the same device (by its identity)
+        is opened again; another one found there is not served."""
+        now = time.monotonic()
+        if now < self._next_reopen:
+            return False
+        self._next_reopen = now + REOPEN_INTERVAL_S
+        try:
+            fresh = self._open_device(self.path)
+        except OSError:
+            return False
+        if fresh.identity != self.sg.identity:
+            log.error("LUN%d: %s now leads to another device (%s %s): not served; reload "
+                      "the LU to export it", self.lun_number, self.path, fresh.identity[0],
+                      fresh.identity[1])
+            fresh.close()
+            return False
+        with self._swap_lock:
+            old, self.sg = self.sg, fresh
+            self._gone = False
+        old.close()
+        self._drain_device_attentions()
+        log.warning("LUN%d: %s is back (%s)", self.lun_number, self.path, fresh.sg_name)
+        return True
+
     @staticmethod
     def _answer(task: ScsiTask, key: int, asc: int) -> None:
         task.status = ScsiStatus.CHECK_CONDITION
@@ -271,12 +336,13 @@ class PassThroughDevice(NexusAttentions):
 
     def reset(self, kind: Any = "lun", from_peer: bool = False) -> None:
         self.reservations.reset()
-        try:
-            self.sg.reset()
-        except OSError as exc:
-            log.warning("LUN%d: device reset failed: %s", self.lun_number, exc)
-        else:
-            self._drain_device_attentions()
+        with self._swap_lock:            # not while a gone device's node is being closed
+            try:
+                self.sg.reset()
+            except OSError as exc:
+                log.warning("LUN%d: device reset failed: %s", self.lun_number, exc)
+            else:
+                self._drain_device_attentions()
         self._reset_unit_attentions(Asc.BUS_DEVICE_RESET_FUNCTION_OCCURRED)
 
     def _drain_device_attentions(self) -> None:

@@ -1,8 +1,11 @@
 """Runs in the test guest (tools/guest.py): export every SCSI generic device of the guest as a
-Pass LU (QEMU's scsi-hd as target `pass-disk`, scsi-cd as `pass-cd`, the kernel's scsi_debug
-disk as `pass-debug`), serve them on port 3260 until /job/stop appears, then stop the target
+Pass LU (QEMU's scsi-hd as target `pass-disk`, the one with product SPLITDISK as
+`pass-split`, scsi-cd as `pass-cd`, the kernel's scsi_debug disk as `pass-debug`, tgt's
+virtual tape drive and changer attached over iSCSI (attach_vtl.sh) as `pass-tape` and
+`pass-changer`), serve them on port 3260 until /job/stop appears, then stop the target
 with SIGTERM. scsi_debug reports a MEDIUM ERROR for reads of LBA 4660-4669 (opts=2); when
-/job/remove appears, the scsi_debug disk is deleted from the guest, as a pulled disk."""
+/job/remove appears, the scsi_debug disk is deleted from the guest, as a pulled disk, and
+when /job/readd appears its host is scanned again, so it comes back under the same node."""
 import os
 import signal
 import subprocess
@@ -10,6 +13,7 @@ import sys
 import time
 
 NAMES = {0: "pass-disk", 5: "pass-cd", 1: "pass-tape", 8: "pass-changer"}
+MODELS = {"scsi_debug": "pass-debug", "SPLITDISK": "pass-split"}
 
 
 def sysfs(sg: str, name: str) -> str:
@@ -21,7 +25,9 @@ def devices():
     found = {}
     for sg in sorted(os.listdir("/sys/class/scsi_generic")):
         kind = int(sysfs(sg, "type"))
-        name = "pass-debug" if sysfs(sg, "model") == "scsi_debug" else NAMES.get(kind, sg)
+        if kind not in NAMES:                 # tgt's LUN 0 (a storage array controller)
+            continue
+        name = MODELS.get(sysfs(sg, "model"), NAMES[kind])
         if name in found.values():
             name = f"{name}-{sg}"
         found[sg] = name
@@ -30,6 +36,7 @@ def devices():
 
 def main() -> int:
     subprocess.run(["modprobe", "scsi_debug", "dev_size_mb=16", "opts=2"], check=True)
+    subprocess.run(["sh", "/repo/tests/guest/attach_vtl.sh"], check=True, timeout=120)
     time.sleep(1)
     units = devices()
     lines = ["[Global]", "  NodeBase iqn.2024-01.org.example.guest", "  PidFile /tmp/istgt.pid",
@@ -53,14 +60,20 @@ def main() -> int:
         print("TARGET FAILED", target.returncode, flush=True)
         return 1
     print("TARGET READY", flush=True)
-    removed = False
+    removed = readded = False
+    debug = next(sg for sg, name in units.items() if name == "pass-debug")
+    host = os.path.realpath(f"/sys/class/scsi_generic/{debug}/device").split("/")[-3]
     while not os.path.exists("/job/stop") and target.poll() is None:
         if os.path.exists("/job/remove") and not removed:
-            debug = next(sg for sg, name in units.items() if name == "pass-debug")
             with open(f"/sys/class/scsi_generic/{debug}/device/delete", "w") as f:
                 f.write("1")
             removed = True
             print("DEBUG REMOVED", flush=True)
+        if os.path.exists("/job/readd") and removed and not readded:
+            with open(f"/sys/class/scsi_host/{host}/scan", "w") as f:
+                f.write("- - -")
+            readded = True
+            print("DEBUG BACK", os.listdir("/sys/class/scsi_generic"), flush=True)
         time.sleep(0.2)
     target.send_signal(signal.SIGTERM)
     return target.wait(30)

@@ -21,6 +21,8 @@ pytestmark = [pytest.mark.interop, pytest.mark.timeout(900)]
 NODE_BASE = "iqn.2024-01.org.example.guest"
 DISK_BYTES = 64 * MIB
 ISO_BYTES = 3 * MIB
+SPLIT_DISK_BYTES = 8 * MIB
+SPLIT_LIMIT = 64 * 1024
 BOOT_TIMEOUT_S = 240
 
 
@@ -35,6 +37,9 @@ def guest(tmp_path_factory):
         f.truncate(DISK_BYTES)
     iso = work / "disc.iso"
     iso_digest = write_seeded_image(iso, ISO_BYTES, seed=93)
+    split = work / "split.raw"
+    with open(split, "wb") as f:
+        f.truncate(SPLIT_DISK_BYTES)
     port = free_port()
     machine = Guest(cache, "python3 /repo/tests/guest/serve_passthrough.py\n", [
         "-drive", f"file={disk},if=none,id=disk0,format=raw,cache=writeback",
@@ -43,12 +48,17 @@ def guest(tmp_path_factory):
         "-device", "scsi-hd,drive=disk0,bus=scsi.0,dpofua=on",
         "-drive", f"file={iso},if=none,id=cd0,format=raw,media=cdrom,readonly=on",
         "-device", "scsi-cd,drive=cd0,bus=scsi.0",
+        # a host adapter that takes at most 64 KiB per command: longer READ/WRITEs are split
+        "-device", f"virtio-scsi-pci,id=narrow,max_sectors={SPLIT_LIMIT // 512}",
+        "-drive", f"file={split},if=none,id=split0,format=raw,cache=writethrough",
+        "-device", "scsi-hd,drive=split0,bus=narrow.0,product=SPLITDISK",
     ], host_port=port)
     machine.start()
     try:
         if not machine.wait_for("TARGET READY", BOOT_TIMEOUT_S) or not answers(port):
             pytest.fail(f"the guest's target did not start; console:\n"
                         f"{machine.console_text()[-3000:]}\noutput:\n{machine.output()[-3000:]}")
+        machine.split_disk = split
         yield machine, port, disk, iso, iso_digest
     finally:
         (machine.job / "stop").touch()
@@ -60,7 +70,7 @@ def guest(tmp_path_factory):
 def answers(port: int, timeout: float = 60) -> bool:
     """Whether a discovery login through the forwarded port works (the guest is slow: the
     port forward exists before the target listens)."""
-    from tests.functional.initiator import Initiator
+    from tests.functional.initiator import ConnectionClosed, Initiator
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -70,7 +80,7 @@ def answers(port: int, timeout: float = 60) -> bool:
                 return True
             finally:
                 initiator.close()
-        except OSError:
+        except (OSError, ConnectionClosed):      # QEMU's forward resets until it listens
             time.sleep(1)
     return False
 
@@ -144,6 +154,18 @@ def test_device_errors_reach_the_initiator_and_a_removed_device_is_not_ready(gue
     gone = debug.tur()
     assert gone.status == 2 and gone.sense[2] & 0x0F == 0x02, gone.sense.hex()   # NOT READY
     assert disk.tur().status == 0 and read10(disk, 8).status == 0
+    # the same device back under its node: served again, after a power-on attention
+    (machine.job / "readd").touch()
+    assert machine.wait_for("DEBUG BACK", 60)
+    deadline = time.monotonic() + 30
+    answer = debug.tur()
+    while answer.status == 2 and answer.sense[2] & 0x0F == 0x02 and time.monotonic() < deadline:
+        time.sleep(1)
+        answer = debug.tur()
+    assert answer.status == 2 and answer.sense[2] & 0x0F == 0x06, answer.sense.hex()
+    assert answer.sense[12] == 0x29                                # POWER ON (the LUN's)
+    assert debug.tur().status == 0
+    assert read10(debug, 0).status == 0 and read10(debug, 4660).status == 2   # the same one
 
 
 CONFORMANCE_FAMILIES = ("ALL.Read10.", "ALL.Read16.", "ALL.Write10.", "ALL.Write16.",
@@ -188,3 +210,100 @@ def test_libiscsi_read_write_inquiry_and_tmf_tests_through_a_pass_through_disk(g
     passed = sum(o.result is runner.Result.PASS for o in outcomes.values())
     assert not unexpected, f"{passed} of {len(tests)} passed; unexpected:\n" + \
         "\n".join(unexpected)
+
+
+def test_reads_and_writes_longer_than_the_host_adapter_takes_are_split(guest):
+    """The SPLITDISK sits on a virtio-scsi adapter that takes 64 KiB per command: Block
+    Limits says so, and a 2 MiB WRITE(16)/READ(16) is done in 32 pieces at the right LBAs
+    (checked in the disk's file on the host)."""
+    import struct
+    machine, port, _, _, _ = guest
+    split = session(port, "pass-split")
+    limits = split.inquiry(evpd=True, page=0xB0, length=64)
+    assert limits.status == 0
+    assert struct.unpack_from(">I", limits.data, 8)[0] == SPLIT_LIMIT // 512
+    payload = os.urandom(2 * MIB)
+    lba = 100
+    wrote = split.scsi(struct.pack(">BBQIBB", 0x8A, 0, lba, len(payload) // 512, 0, 0),
+                       data_out=payload)
+    assert wrote.status == 0, wrote.sense.hex()
+    assert split.scsi(bytes([0x35]) + bytes(9)).status == 0        # SYNCHRONIZE CACHE
+    back = split.scsi(struct.pack(">BBQIBB", 0x88, 0, lba, len(payload) // 512, 0, 0),
+                      read_length=len(payload))
+    assert back.status == 0 and back.data == payload
+    with open(machine.split_disk, "rb") as f:
+        f.seek(lba * 512)
+        assert f.read(len(payload)) == payload
+
+
+def tape_cdb(opcode: int, length: int, fixed: int = 0) -> bytes:
+    return bytes([opcode, fixed]) + length.to_bytes(3, "big") + b"\0"
+
+
+def test_tape_records_of_any_size_the_drive_takes_pass_through(guest):
+    """tgt's virtual tape drive, attached to the guest over iSCSI, as a real SCSI tape:
+    variable-length records up to the drive's 1 MiB limit (istgt capped them at 64 KiB),
+    a short record read with a longer request (ILI, residual), a filemark."""
+    _, port, _, _, _ = guest
+    tape = session(port, "pass-tape")
+    limits = tape.scsi(bytes([0x05, 0, 0, 0, 0, 0]), read_length=6)  # READ BLOCK LIMITS
+    assert limits.status == 0
+    largest = int.from_bytes(limits.data[1:4], "big")
+    assert largest >= MIB
+    assert tape.scsi(bytes([0x01, 0, 0, 0, 0, 0])).status == 0         # REWIND
+    # tgt takes records past the 1 MiB its READ BLOCK LIMITS states: 4 MiB goes through too
+    records = [os.urandom(256 * 1024), os.urandom(largest), os.urandom(4 * MIB),
+               os.urandom(1000)]
+    for record in records:
+        wrote = tape.scsi(tape_cdb(0x0A, len(record)), data_out=record)
+        assert wrote.status == 0, wrote.sense.hex()
+    assert tape.scsi(bytes([0x10, 0, 0, 0, 1, 0])).status == 0         # WRITE FILEMARKS
+    assert tape.scsi(bytes([0x01, 0, 0, 0, 0, 0])).status == 0
+    for record in records[:3]:
+        read = tape.scsi(tape_cdb(0x08, len(record)), read_length=len(record))
+        assert read.status == 0 and read.data == record
+    short = tape.scsi(tape_cdb(0x08, 4096), read_length=4096)          # a 1000-byte record
+    assert short.status == 2 and short.data[:1000] == records[3]
+    assert short.sense[2] & 0x20                                       # ILI
+    assert int.from_bytes(short.sense[3:7], "big") == 3096             # 4096 - 1000
+    # the residual is the device's: tgt, through the guest's iSCSI initiator, reports 1000
+    # here (sg_raw in the guest receives 3096 bytes too); it reaches the initiator as given
+    assert short.underflow and short.residual == 4096 - len(short.data) == 1000
+    mark = tape.scsi(tape_cdb(0x08, 4096), read_length=4096)
+    assert mark.status == 2 and mark.sense[2] & 0x80                  # FILEMARK
+    assert mark.sense[12:14] == b"\x00\x01"                            # FILEMARK DETECTED
+
+
+def element_status(changer) -> dict[int, tuple[bool, str]]:
+    """address -> (full, primary volume tag) of every storage element."""
+    cdb = bytes([0xB8, 0x12, 0, 0, 0xFF, 0xFF, 0]) + (65535).to_bytes(3, "big") + bytes(2)
+    answer = changer.scsi(cdb, read_length=65535)       # READ ELEMENT STATUS, storage, VolTag
+    assert answer.status == 0, answer.sense.hex()
+    data = answer.data
+    end = 8 + int.from_bytes(data[5:8], "big")
+    elements, offset = {}, 8
+    while offset < end:
+        voltag = data[offset + 1] & 0x80
+        size = int.from_bytes(data[offset + 2:offset + 4], "big")
+        pages_end = offset + 8 + int.from_bytes(data[offset + 5:offset + 8], "big")
+        offset += 8
+        while offset < pages_end:
+            address = int.from_bytes(data[offset:offset + 2], "big")
+            tag = data[offset + 12:offset + 44].decode().strip() if voltag else ""
+            elements[address] = (bool(data[offset + 2] & 0x01), tag)
+            offset += size
+    return elements
+
+
+def test_a_medium_changer_passes_through(guest):
+    """tgt's virtual changer as a real SCSI changer: READ ELEMENT STATUS shows the
+    cartridge in slot 33 by its barcode, MOVE MEDIUM takes it to slot 34."""
+    _, port, _, _, _ = guest
+    changer = session(port, "pass-changer")
+    before = element_status(changer)
+    assert before[33] == (True, "T0000002") and not before[34][0]
+    move = bytes([0xA5, 0, 0, 16, 0, 33, 0, 34, 0, 0, 0, 0])            # MOVE MEDIUM
+    moved = changer.scsi(move)
+    assert moved.status == 0, moved.sense.hex()
+    after = element_status(changer)
+    assert not after[33][0] and after[34] == (True, "T0000002")

@@ -26,6 +26,9 @@ class FakeSg:
         self.fill = b"\xab"
         self.gone = False
         self.resets = 0
+        self.identity = ("QEMU", "QEMU HARDDISK", "2.5+", b"serial-1", b"naa-1")
+        self.closed = False
+        self.sg_name = "sg0"
 
     def command(self, cdb, direction, buffer, timeout_ms):
         if self.gone:
@@ -41,14 +44,14 @@ class FakeSg:
         self.resets += 1
 
     def close(self):
-        pass
+        self.closed = True
 
 
-def device(sg=None):
+def device(sg=None, open_device=None):
     lu = SimpleNamespace(name="iqn.x:pass", mappings=((1, 1),))
     lun = SimpleNamespace(number=0, path="/dev/sg0")
     sg = sg or FakeSg()
-    d = PassThroughDevice(lu, lun, sg)
+    d = PassThroughDevice(lu, lun, sg, **({"open_device": open_device} if open_device else {}))
     assert sg.commands[:1] == [(bytes(6), -1, 0)]    # the open took the device's attentions
     sg.commands.clear()
     return d
@@ -250,3 +253,46 @@ def test_an_lu_reset_gives_each_nexus_the_targets_attention_not_the_devices_too(
         task = run(d, bytes(6), nexus)
         assert task.status == ScsiStatus.CHECK_CONDITION and task.sense[12:14] == b"\x29\x03"
         assert run(d, bytes(6), nexus).status == ScsiStatus.GOOD
+
+
+def test_a_device_back_under_its_path_is_served_again_after_a_power_on_attention(monkeypatch):
+    import istgt.scsi.passthrough as passthrough
+    monkeypatch.setattr(passthrough, "REOPEN_INTERVAL_S", 0.0)
+    opened = []
+
+    def open_device(path):
+        if not opened and not returned:
+            raise OSError(2, "no such device")
+        sg = FakeSg()
+        opened.append(sg)
+        return sg
+
+    returned = False
+    first = FakeSg()
+    d = ready(ready(device(first, open_device)), OTHER)
+    first.gone = True
+    gone = run(d, bytes(6))
+    assert gone.status == ScsiStatus.CHECK_CONDITION and gone.sense[2] & 0x0F == 0x02
+    assert not opened
+    returned = True
+    back = run(d, bytes(6))                      # reopened: this command gets the power-on
+    assert back.status == ScsiStatus.CHECK_CONDITION and back.sense[2] & 0x0F == 0x06
+    assert back.sense[12] == 0x29 and first.closed and d.sg is opened[0]
+    assert run(d, bytes(6)).status == ScsiStatus.GOOD
+    assert run(d, bytes(6), OTHER).sense[12] == 0x29     # the other nexus hears of it too
+    assert run(d, bytes(6), OTHER).status == ScsiStatus.GOOD
+    assert opened[0].commands[-1][0] == bytes(6)
+
+
+def test_another_device_found_under_the_path_is_not_served(monkeypatch):
+    import istgt.scsi.passthrough as passthrough
+    monkeypatch.setattr(passthrough, "REOPEN_INTERVAL_S", 0.0)
+    stranger = FakeSg()
+    stranger.identity = ("ATA", "SOMEONE ELSES", "1.0", b"serial-2", b"naa-2")
+    first = FakeSg()
+    d = ready(device(first, lambda path: stranger))
+    first.gone = True
+    for _ in range(2):
+        task = run(d, bytes(6))
+        assert task.status == ScsiStatus.CHECK_CONDITION and task.sense[2] & 0x0F == 0x02
+    assert stranger.closed and d.sg is first and stranger.commands == []
