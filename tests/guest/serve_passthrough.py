@@ -1,6 +1,6 @@
 """Runs in the test guest (tools/guest.py): export every SCSI generic device of the guest as a
-Pass LU (QEMU's scsi-hd as target `pass-disk`, the one with product SPLITDISK as
-`pass-split`, scsi-cd as `pass-cd`, the kernel's scsi_debug disk as `pass-debug`, tgt's
+Pass LU (QEMU's scsi-hd as target `pass-disk`, the ones with product SPLITDISK and
+SLOWDISK as `pass-split` and `pass-slow`, scsi-cd as `pass-cd`, the kernel's scsi_debug disk as `pass-debug`, tgt's
 virtual tape drive and changer attached over iSCSI (attach_vtl.sh) as `pass-tape` and
 `pass-changer`), serve them on port 3260 until /job/stop appears, then stop the target
 with SIGTERM. scsi_debug reports a MEDIUM ERROR for reads of LBA 4660-4669 (opts=2); when
@@ -13,7 +13,7 @@ import sys
 import time
 
 NAMES = {0: "pass-disk", 5: "pass-cd", 1: "pass-tape", 8: "pass-changer"}
-MODELS = {"scsi_debug": "pass-debug", "SPLITDISK": "pass-split"}
+MODELS = {"scsi_debug": "pass-debug", "SPLITDISK": "pass-split", "SLOWDISK": "pass-slow"}
 
 
 def sysfs(sg: str, name: str) -> str:
