@@ -4,6 +4,7 @@ A/A control (the earlier one again), through qemu-img bench on a file LU.
 
     bench/ab_bench.py df5d738^                       # before the image work, against now
     bench/ab_bench.py HEAD~3 --workloads 4k-read-qd32 --reps 5
+    bench/ab_bench.py HEAD~1 --image qcow2             # both serve a qcow2 image LU
 
 The earlier commit is checked out in a temporary git worktree (removed afterwards).
 """
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--scale", type=float, default=0.3)
     parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--image", metavar="FORMAT",
+                        help="serve a disk image of this format (qcow2, vmdk...), which the "
+                             "target creates, instead of the raw file")
     args = parser.parse_args(argv)
     names = args.workloads.split(",")
     if any(name not in WORKLOADS for name in names):
@@ -43,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     # istgt.py's own directory comes first on sys.path: each lane runs its own tree
     before = prepare("before", root, size, [sys.executable, str(tree / "istgt.py")])
     now = prepare("now", root, size, [sys.executable, str(REPO_ROOT / "istgt.py")])
+    if args.image:
+        for target in (before, now):
+            conf = target.directory / "istgt.conf"
+            raw = str(target.directory / "disk.img")
+            conf.write_text(conf.read_text().replace(
+                raw, str(target.directory / f"disk.{args.image}")))
     started = []
     try:
         for target in (before, now):

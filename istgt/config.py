@@ -1211,8 +1211,9 @@ def _logical_unit(
     queue_depth = reader.integer(
         "QueueDepth", 32 if unit_type == "disk" else 0, 0, MAX_QUEUE_DEPTH
     )
-    if unit_type != "disk":
-        queue_depth = 0  # only Disk queues commands
+    if unit_type in ("dvd", "tape"):
+        queue_depth = 0  # the emulated drives run one command at a time, as istgt's
+    # Pass: as given (none by default, as istgt); the device serializes tapes and changers
     luns = _luns(reader, unit_type, inquiry.serial, read_only, block_length)
     return LogicalUnitConfig(
         number=number,

@@ -17,7 +17,12 @@ from collections import deque
 from typing import Callable
 
 SIMPLE, ORDERED, HEAD_OF_QUEUE, ACA = 1, 2, 3, 4   # iSCSI ATTR field values (0 untagged = SIMPLE)
-BATCH_HINT = 16    # tasks a worker takes at once (worker.BATCH): one wake-up per that many
+# Tasks one worker takes at once when several are waiting, for page-cache-backed units:
+# their completions are reported together, so the transport can answer them with one write
+# (fewer system calls and GIL hand-offs at queue depth > 1); small enough that no answer
+# waits long for the others. Pass-through units take 1 (TaskQueue.batch): their commands
+# wait on a device for milliseconds and must overlap.
+BATCH_HINT = 16
 
 
 class QueuedTask:
@@ -45,8 +50,9 @@ class QueuedTask:
 
 
 class TaskQueue:
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, batch: int = BATCH_HINT):
         self.limit = limit            # tasks waiting beyond this get TASK SET FULL
+        self.batch = batch            # tasks a worker takes at once
         self._lock = threading.Lock()
         self._waiting: deque[QueuedTask] = deque()   # guarded by _lock
         self._running: list[QueuedTask] = []         # guarded by _lock
@@ -61,7 +67,7 @@ class TaskQueue:
 
     def put_many(self, entries: list[QueuedTask]) -> list[QueuedTask]:
         """Queue `entries` in order under one lock; returns those refused (the task set is
-        full or closed). Wakes one parked worker per BATCH_HINT tasks."""
+        full or closed). Wakes one parked worker per `batch` tasks."""
         with self._lock:
             refused = []
             queued = 0
@@ -76,7 +82,7 @@ class TaskQueue:
                 else:
                     self._waiting.append(entry)
                 queued += 1
-            wake = min(len(self._idle), (queued + BATCH_HINT - 1) // BATCH_HINT)
+            wake = min(len(self._idle), (queued + self.batch - 1) // self.batch)
             for _ in range(wake):
                 self._idle.pop().release()
             return refused

@@ -39,8 +39,14 @@ def _never_quick(cdb) -> bool:
 
 
 def _all_page_cache(devices: dict) -> bool:
-    return all(getattr(getattr(d, "backend", None), "served_from_page_cache", True)
-               for d in devices.values())
+    return all(_served_from_page_cache(d) for d in devices.values())
+
+
+def _served_from_page_cache(device) -> bool:
+    own = getattr(device, "served_from_page_cache", None)        # a pass-through device
+    if own is not None:
+        return own
+    return getattr(getattr(device, "backend", None), "served_from_page_cache", True)
 
 
 class LogicalUnit:
@@ -55,7 +61,11 @@ class LogicalUnit:
         # QueueDepth 0: one task at a time for the whole LU (istgt's exclusive mode)
         self.exclusive = threading.Lock()
         limit = max(1, self.queue_depth) * max(1, max_sessions)
-        self._queue = TaskQueue(limit)
+        # a real device holds each command for milliseconds: one per worker, so they overlap
+        # (remote stores answer in microseconds and gain from batches: measured, qcow2 4k
+        # QD32 0.53x with one per worker)
+        one_each = any(getattr(d, "one_task_per_worker", False) for d in devices.values())
+        self._queue = TaskQueue(limit, 1 if one_each else BATCH_HINT)
         most = MAX_WORKERS if _all_page_cache(devices) else MAX_REMOTE_WORKERS
         workers = 1 if self.queue_depth == 0 else min(most, self.queue_depth)
         self.stats = IoStats()

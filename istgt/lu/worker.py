@@ -6,15 +6,9 @@ import contextlib
 import logging
 import threading
 
-from istgt.lu.queue import BATCH_HINT, TaskQueue
+from istgt.lu.queue import TaskQueue
 
 log = logging.getLogger("istgt.lu")
-
-
-# Tasks one worker takes at once when several are waiting: their completions are reported
-# together, so the transport can answer them with one write (fewer system calls and GIL
-# hand-offs at queue depth > 1); small enough that no answer waits long for the others.
-BATCH = BATCH_HINT
 
 
 class WorkerPool:
@@ -36,7 +30,7 @@ class WorkerPool:
         parker = threading.Lock()
         parker.acquire()
         while True:
-            batch = queue.take(parker, BATCH)
+            batch = queue.take(parker, queue.batch)
             if batch is None:
                 return
             self.run_batch(batch)

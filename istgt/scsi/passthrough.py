@@ -86,6 +86,10 @@ _libc.ioctl.restype = ctypes.c_int
 class DeviceGone(OSError):
     """The device is not there any more (removed, or no longer reachable)."""
 
+    def __init__(self, error: int, message: str, device: "SgDevice | None" = None) -> None:
+        super().__init__(error, message)
+        self.device = device            # the opened node that found it gone
+
 
 class TransportTrouble(OSError):
     """SG_IO or the host adapter failed this command; the device may be fine."""
@@ -111,6 +115,11 @@ class SgDevice:
         self.path = path
         self.sg_name = sg_name_of(path)
         self.fd = os.open(f"/dev/{self.sg_name}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        # the fd is closed only when no ioctl uses it: a number freed under a running ioctl
+        # could be reused by another open, and the next ioctl would reach another file
+        self._fd_lock = threading.Lock()
+        self._in_flight = 0
+        self._closing = False
         base = f"/sys/class/scsi_generic/{self.sg_name}/device"
         self.peripheral_type = int(_read_sysfs(f"{base}/type") or "0")
         self.max_transfer = max_transfer_bytes(base)
@@ -120,8 +129,6 @@ class SgDevice:
     def command(self, cdb: bytes, direction: int, buffer: bytearray | memoryview | None,
                 timeout_ms: int) -> tuple[int, bytes, int]:
         """(SCSI status, sense, residual); DeviceGone when the device did not answer."""
-        if self.fd < 0:
-            raise DeviceGone(errno.ENODEV, f"{self.path}: closed, the device was gone")
         if len(cdb) > SENSE_MAX:
             raise TransportTrouble(errno.EINVAL, f"{self.path}: a {len(cdb)}-byte CDB",
                                    busy=False)
@@ -134,31 +141,60 @@ class SgDevice:
                          dxfer_len=length, dxferp=ctypes.addressof(data) if data else None,
                          cmdp=ctypes.addressof(cdb_buffer), sbp=ctypes.addressof(sense),
                          timeout=timeout_ms)
-        result = _libc.ioctl(self.fd, SG_IO, ctypes.byref(header))   # GIL released
+        fd = self._enter()
+        try:
+            result = _libc.ioctl(fd, SG_IO, ctypes.byref(header))   # GIL released
+        finally:
+            self._leave()
         del data
         if result < 0:
             error = ctypes.get_errno()
             message = f"{self.path}: SG_IO: {os.strerror(error)}"
             if error in GONE_ERRNOS:
-                raise DeviceGone(error, message)
+                raise DeviceGone(error, message, self)
             raise TransportTrouble(error, message, busy=error in (errno.EINTR, errno.ENOMEM,
                                                                   errno.EAGAIN, errno.EDOM))
         if header.host_status in (DID_NO_CONNECT, DID_BAD_TARGET):
-            raise DeviceGone(errno.ENODEV, f"{self.path}: host status {header.host_status}")
+            raise DeviceGone(errno.ENODEV, f"{self.path}: host status {header.host_status}",
+                             self)
         if header.host_status != DID_OK:
             raise TransportTrouble(errno.EIO, f"{self.path}: host status {header.host_status}",
                                    busy=True)
         return header.status, sense.raw[:header.sb_len_wr], header.resid
 
     def reset(self) -> None:
-        if self.fd < 0:
-            raise DeviceGone(errno.ENODEV, f"{self.path}: closed, the device was gone")
         value = ctypes.c_int(SG_SCSI_RESET_DEVICE)
-        if _libc.ioctl(self.fd, SG_SCSI_RESET, ctypes.byref(value)) < 0:
+        fd = self._enter()
+        try:
+            failed = _libc.ioctl(fd, SG_SCSI_RESET, ctypes.byref(value)) < 0
             error = ctypes.get_errno()
+        finally:
+            self._leave()
+        if failed:
             raise OSError(error, f"{self.path}: SG_SCSI_RESET: {os.strerror(error)}")
 
+    def _enter(self) -> int:
+        with self._fd_lock:
+            if self._closing:
+                raise DeviceGone(errno.ENODEV, f"{self.path}: closed, the device was gone",
+                                 self)
+            self._in_flight += 1
+            return self.fd
+
+    def _leave(self) -> None:
+        with self._fd_lock:
+            self._in_flight -= 1
+            if self._closing and not self._in_flight:
+                self._close_fd()
+
     def close(self) -> None:
+        """Close now, or when the last ioctl in progress returns."""
+        with self._fd_lock:
+            self._closing = True
+            if not self._in_flight:
+                self._close_fd()
+
+    def _close_fd(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -239,6 +275,8 @@ class PassThroughDevice(NexusAttentions):
 
     UA_EXEMPT = frozenset({Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE})
     reset_unblocks_tasks = True         # LU reset: reset the device, then wait for its tasks
+    served_from_page_cache = False      # commands wait on the device: workers up to QueueDepth
+    one_task_per_worker = True          # ... each on its own worker, so they overlap
 
     def __init__(self, lu: Any, lun: Any, sg: SgDevice, open_device: Any = SgDevice) -> None:
         self.lun_number = lun.number
@@ -260,10 +298,20 @@ class PassThroughDevice(NexusAttentions):
         self._drain_device_attentions()
         self._gone = False
         self._all_luns: list[int] = [lun.number]
+        # a disk queues commands (the unit's QueueDepth); a tape, changer or optical drive
+        # is a sequential machine: one command at a time, in the order the target took them
+        self._one_at_a_time = threading.Lock() if self.peripheral_type != DISK else None
 
     # --- the LogicalUnit's interface ---------------------------------------------------------
 
     def execute(self, task: ScsiTask) -> None:
+        if self._one_at_a_time is None:
+            self._execute(task)
+            return
+        with self._one_at_a_time:
+            self._execute(task)
+
+    def _execute(self, task: ScsiTask) -> None:
         task.status, task.sense, task.data_in = ScsiStatus.GOOD, b"", None
         try:
             self._dispatch(task)
@@ -272,24 +320,13 @@ class PassThroughDevice(NexusAttentions):
             task.sense = condition.encode(False)
             task.data_in = condition.data_in
         except DeviceGone as exc:
-            if not self._gone:
-                log.error("LUN%d: %s: the device is gone", self.lun_number, exc)
-                self._next_reopen = time.monotonic() + REOPEN_INTERVAL_S
-                with self._swap_lock:
-                    # the kernel frees the sg node's number only at the last close: a
-                    # device that returns then gets its old node back
-                    self.sg.close()
-            self._gone = True
             try:
-                back = self._reopen()
+                back = self._device_gone(exc, task.nexus)
             except Exception:
                 log.exception("LUN%d: reopening %s", self.lun_number, self.path)
                 back = False
-            if back:
-                # back: the command was not run; every nexus hears of the power-on first
-                self._take_unit_attention(task.nexus, consume=False)
-                self._reset_unit_attentions(Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET)
-                self.execute(task)
+            if back:            # the command was not run: again (it meets the power-on)
+                self._execute(task)
                 return
             self._answer(task, SenseKey.NOT_READY, Asc.LOGICAL_UNIT_NOT_READY)
         except TransportTrouble as exc:
@@ -303,28 +340,41 @@ class PassThroughDevice(NexusAttentions):
                           task.cdb.hex())
             self._answer(task, SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)
 
-    def _reopen(self) -> bool:
-        """Whether the device came back under its path: the same device (by its identity)
-        is opened again; another one found there is not served."""
-        now = time.monotonic()
-        if now < self._next_reopen:
-            return False
-        self._next_reopen = now + REOPEN_INTERVAL_S
-        try:
-            fresh = self._open_device(self.path)
-        except OSError:
-            return False
-        if fresh.identity != self.sg.identity:
-            log.error("LUN%d: %s now leads to another device (%s %s): not served; reload "
-                      "the LU to export it", self.lun_number, self.path, fresh.identity[0],
-                      fresh.identity[1])
-            fresh.close()
-            return False
+    def _device_gone(self, exc: OSError, nexus: ITNexus) -> bool:
+        """A command of `nexus` found the device gone: whether it is back (then the command
+        runs again). The same device (by its identity) found under the path is opened
+        again, and every nexus gets a power-on attention; another one found there is not
+        served."""
+        failed = exc.device if isinstance(exc, DeviceGone) and exc.device else self.sg
         with self._swap_lock:
-            old, self.sg = self.sg, fresh
+            if self.sg is not failed:
+                return True                     # another command opened it again meanwhile
+            now = time.monotonic()
+            if not self._gone:
+                log.error("LUN%d: %s: the device is gone", self.lun_number, exc)
+                self._gone = True
+                self._next_reopen = now + REOPEN_INTERVAL_S
+                # the kernel frees an sg node's number only at its last close: a device
+                # that comes back then gets its old node again
+                failed.close()
+            if now < self._next_reopen:
+                return False
+            self._next_reopen = now + REOPEN_INTERVAL_S
+            try:
+                fresh = self._open_device(self.path)
+            except OSError:
+                return False
+            if fresh.identity != failed.identity:
+                log.error("LUN%d: %s now leads to another device (%s %s): not served; "
+                          "reload the LU to export it", self.lun_number, self.path,
+                          fresh.identity[0], fresh.identity[1])
+                fresh.close()
+                return False
+            self.sg = fresh
             self._gone = False
-        old.close()
-        self._drain_device_attentions()
+            self._drain_device_attentions()
+            self._take_unit_attention(nexus, consume=False)       # known, so it hears too
+            self._reset_unit_attentions(Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET)
         log.warning("LUN%d: %s is back (%s)", self.lun_number, self.path, fresh.sg_name)
         return True
 
@@ -421,7 +471,6 @@ class PassThroughDevice(NexusAttentions):
             buffer = bytearray(length)
         status, sense, residual = self.sg.command(cdb, direction, buffer if length else None,
                                                   timeout_for(cdb[0], self.peripheral_type))
-        self._gone = False
         task.status = status
         task.sense = sense
         if status == ScsiStatus.CHECK_CONDITION and _sense_key(sense) == SenseKey.UNIT_ATTENTION:

@@ -450,6 +450,9 @@ def test_dvd_tape_pass_units(load):
     passthrough = unit(load, "Pass", "LUN0 Device /dev/sg1")
     assert (passthrough.unit_type, passthrough.inquiry.product) == ("pass", "iSCSI UNIT")
     assert (passthrough.luns[0].kind, passthrough.luns[0].path) == ("device", "/dev/sg1")
+    assert passthrough.queue_depth == 0                 # none unless asked for, as istgt
+    queued = unit(load, "Pass", "LUN0 Device /dev/sg1", extra=["QueueDepth 16"])
+    assert queued.queue_depth == 16                     # istgt ignores it; a disk queues
 
     with pytest.raises(ConfigError, match="unknown unit type 'Changer'"):
         unit(load, "Changer", "LUN0 Device /dev/sg1")

@@ -32,7 +32,7 @@ class FakeSg:
 
     def command(self, cdb, direction, buffer, timeout_ms):
         if self.gone:
-            raise DeviceGone(19, "gone")
+            raise DeviceGone(19, "gone", self)
         self.commands.append((bytes(cdb), direction, len(buffer) if buffer else 0))
         if cdb[0] == 0x25:                                   # READ CAPACITY(10)
             buffer[:] = struct.pack(">II", 0xFFFF, 512)
@@ -296,3 +296,91 @@ def test_another_device_found_under_the_path_is_not_served(monkeypatch):
         task = run(d, bytes(6))
         assert task.status == ScsiStatus.CHECK_CONDITION and task.sense[2] & 0x0F == 0x02
     assert stranger.closed and d.sg is first and stranger.commands == []
+
+
+def test_an_sg_node_is_closed_only_when_no_ioctl_uses_it(tmp_path):
+    """A gone device's node is closed at once, but its fd number is freed only when the
+    last ioctl in progress returns: a number reused under it would send the next ioctl to
+    another file."""
+    import os
+    import threading
+
+    import pytest
+
+    from istgt.scsi.passthrough import SgDevice
+    sg = SgDevice.__new__(SgDevice)
+    sg.path, sg.fd = "/dev/sg9", os.open(os.devnull, os.O_RDONLY)
+    sg._fd_lock, sg._in_flight, sg._closing = threading.Lock(), 0, False
+    fd = sg._enter()                                  # an ioctl in progress
+    sg.close()
+    os.fstat(fd)                                      # still open
+    with pytest.raises(DeviceGone):
+        sg._enter()                                   # no new ioctl starts on it
+    sg._leave()
+    assert sg.fd == -1
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+class ConcurrentSg(FakeSg):
+    """Counts how many commands are inside the device at once."""
+
+    def __init__(self, peripheral_type):
+        super().__init__(peripheral_type)
+        import threading
+        self.lock = threading.Lock()
+        self.inside = self.most_inside = 0
+
+    def command(self, cdb, direction, buffer, timeout_ms):
+        import time
+        with self.lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        time.sleep(0.05)
+        with self.lock:
+            self.inside -= 1
+        return super().command(cdb, direction, buffer, timeout_ms)
+
+
+def run_together(d, count):
+    """`count` READ(10)s of one nexus through a LogicalUnit with QueueDepth 8."""
+    import threading
+
+    from istgt.lu.unit import LogicalUnit
+    config = SimpleNamespace(number=1, name="iqn.x:pass", queue_depth=8)
+    lu = LogicalUnit(config, {0: d}, max_sessions=1)
+    done = threading.Semaphore(0)
+    tasks = [ScsiTask(0, struct.pack(">BBIBHB", 0x28, 0, n, 0, 1, 0), NEXUS, tag=n,
+                      transfer_length=512) for n in range(count)]
+    for task in tasks:
+        lu.submit(task, lambda t, aborted: done.release())
+    for _ in tasks:
+        assert done.acquire(timeout=10)
+    lu.shutdown()
+    return tasks
+
+
+def test_a_pass_through_disk_with_a_queue_depth_gets_commands_in_parallel():
+    sg = ConcurrentSg(peripheral_type=0)
+    d = ready(device(sg))
+    tasks = run_together(d, 8)
+    assert all(t.status == ScsiStatus.GOOD for t in tasks)
+    assert sg.most_inside > 1
+
+
+def test_a_pass_through_tape_takes_one_command_at_a_time_whatever_the_queue_depth():
+    sg = ConcurrentSg(peripheral_type=1)
+    d = ready(device(sg))
+    tasks = run_together(d, 8)
+    assert all(t.status == ScsiStatus.GOOD for t in tasks)
+    assert sg.most_inside == 1
+
+
+def test_a_command_that_met_the_old_node_after_a_reopen_leaves_the_new_one_alone():
+    """With commands in parallel, one may find the old node gone after another command
+    opened the device again: it runs again on the new node, which stays open."""
+    old, new = FakeSg(), FakeSg()
+    d = ready(device(old, lambda path: new))
+    d.sg = new                                         # another command reopened it
+    assert d._device_gone(DeviceGone(19, "gone", old), NEXUS)
+    assert d.sg is new and not new.closed
