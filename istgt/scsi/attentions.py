@@ -49,3 +49,9 @@ class NexusAttentions:
         with self._state_lock:
             for pending in self._unit_attentions.values():
                 pending[:] = [asc]
+
+    def _forget_nexus(self, nexus: ITNexus) -> None:
+        """The I_T nexus is gone: a later one with the same ports starts afresh (and is
+        told about the power-on/reset like any new nexus)."""
+        with self._state_lock:
+            self._unit_attentions.pop(nexus, None)

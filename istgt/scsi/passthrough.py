@@ -60,6 +60,7 @@ EMULATED = frozenset({Opcode.PERSISTENT_RESERVE_IN, Opcode.PERSISTENT_RESERVE_OU
 READS = {0x08: 6, 0x28: 10, 0xA8: 12, 0x88: 16}
 WRITES = {0x0A: 6, 0x2A: 10, 0xAA: 12, 0x8A: 16}
 DISK, TAPE, CD_DVD, CHANGER = 0x00, 0x01, 0x05, 0x08
+NACA, LINK = 0x04, 0x01             # control byte bits the target does not pass on
 
 
 class SgIoHdr(ctypes.Structure):
@@ -410,6 +411,7 @@ class PassThroughDevice(NexusAttentions):
                 return
 
     def nexus_lost(self, nexus: ITNexus) -> None:
+        self._forget_nexus(nexus)
         self.reservations.nexus_lost(nexus)
 
     def set_lun_numbers(self, numbers) -> None:
@@ -454,6 +456,13 @@ class PassThroughDevice(NexusAttentions):
             raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB)
         task.data_out_length = None       # the device decides; residuals are its own
         cdb = cdb[:cdb_length(cdb)]
+        control = 1 if opcode == 0x7F else len(cdb) - 1
+        if len(cdb) > control and cdb[control] & (NACA | LINK):
+            # ACA would stop the device for every initiator (it sees only the target), and
+            # CLEAR ACA is not offered; linked commands are obsolete (SAM-5)
+            raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB,
+                                 field_pointer=control,
+                                 bit_pointer=2 if cdb[control] & NACA else 0)
         if disk_io:
             self._read_write(task, cdb)
             return

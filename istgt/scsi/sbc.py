@@ -221,8 +221,7 @@ class DiskDevice(NexusAttentions):
     def nexus_lost(self, nexus: ITNexus) -> None:
         """The I_T nexus is gone: forget its state; a later one with the same ports starts
         afresh (and is told about the power-on/reset like any new nexus)."""
-        with self._state_lock:
-            self._unit_attentions.pop(nexus, None)
+        self._forget_nexus(nexus)
         self.medium.nexus_lost(nexus)
         self.reservations.nexus_lost(nexus)
         self.copy_results.forget(nexus)

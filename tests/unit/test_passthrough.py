@@ -384,3 +384,25 @@ def test_a_command_that_met_the_old_node_after_a_reopen_leaves_the_new_one_alone
     d.sg = new                                         # another command reopened it
     assert d._device_gone(DeviceGone(19, "gone", old), NEXUS)
     assert d.sg is new and not new.closed
+
+
+def test_a_lost_nexus_is_forgotten_and_a_new_one_starts_afresh():
+    d = ready(device())
+    d.nexus_lost(NEXUS)
+    assert NEXUS not in d._unit_attentions
+    ready(d)                                      # the power-on of a new nexus again
+
+
+def test_naca_and_link_are_refused_before_the_device_sees_them():
+    """ACA would stop the shared device for every initiator (CLEAR ACA is not offered)."""
+    sg = FakeSg()
+    d = ready(device(sg))
+    for cdb, byte, bit in ((bytes([0x00, 0, 0, 0, 0, 0x04]), 5, 2),
+                           (struct.pack(">BBIBHB", 0x28, 0, 0, 0, 1, 0x01), 9, 0)):
+        task = run(d, cdb, edtl=512 if cdb[0] == 0x28 else 0)
+        assert task.status == ScsiStatus.CHECK_CONDITION
+        sense = task.sense
+        assert sense[2] & 0x0F == 0x05 and sense[12] == 0x24
+        assert sense[15] & 0x80 and sense[15] & 0x40                # SKSV, C/D
+        assert sense[15] & 0x07 == bit and int.from_bytes(sense[16:18], "big") == byte
+    assert sg.commands == []
