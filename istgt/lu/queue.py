@@ -53,6 +53,9 @@ class TaskQueue:
     def __init__(self, limit: int, batch: int = BATCH_HINT):
         self.limit = limit            # tasks waiting beyond this get TASK SET FULL
         self.batch = batch            # tasks a worker takes at once
+        # a sequential device (tape, changer): one task at a time, in task-set order, so an
+        # aborted task still waiting never reaches the device
+        self.one_at_a_time = False
         self._lock = threading.Lock()
         self._waiting: deque[QueuedTask] = deque()   # guarded by _lock
         self._running: list[QueuedTask] = []         # guarded by _lock
@@ -93,7 +96,7 @@ class TaskQueue:
         task running, room in the task set); returns how many. They are finished with
         finish() as usual."""
         with self._lock:
-            if self._closed or self._waiting or self._barriers:
+            if self._closed or self._waiting or self._barriers or self.one_at_a_time:
                 return 0
             room = self.limit - len(self._running)
             started = 0
@@ -108,6 +111,8 @@ class TaskQueue:
 
     def _may_start(self, e: QueuedTask) -> bool:
         """Whether the task at the head of the waiting line may start now."""
+        if self.one_at_a_time and self._running:
+            return False
         if e.attr == HEAD_OF_QUEUE:
             return True
         if e.attr == ORDERED:

@@ -42,6 +42,11 @@ def _all_page_cache(devices: dict) -> bool:
     return all(_served_from_page_cache(d) for d in devices.values())
 
 
+def _any_sequential(devices: dict) -> bool:
+    """A tape or changer passed through takes one command at a time, in order."""
+    return any(getattr(d, "sequential", False) for d in devices.values())
+
+
 def _served_from_page_cache(device) -> bool:
     own = getattr(device, "served_from_page_cache", None)        # a pass-through device
     if own is not None:
@@ -66,6 +71,7 @@ class LogicalUnit:
         # QD32 0.53x with one per worker)
         one_each = any(getattr(d, "one_task_per_worker", False) for d in devices.values())
         self._queue = TaskQueue(limit, 1 if one_each else BATCH_HINT)
+        self._queue.one_at_a_time = _any_sequential(devices)
         most = MAX_WORKERS if _all_page_cache(devices) else MAX_REMOTE_WORKERS
         workers = 1 if self.queue_depth == 0 else min(most, self.queue_depth)
         self.stats = IoStats()
@@ -259,6 +265,7 @@ class LogicalUnit:
         for lun, device in sorted(built.items()):
             self._hook(device)
             self.devices[lun] = device
+        self._queue.one_at_a_time = _any_sequential(self.devices)
         self.config = config
         self.number = config.number
         numbers = sorted(self.devices)

@@ -300,19 +300,13 @@ class PassThroughDevice(NexusAttentions):
         self._gone = False
         self._all_luns: list[int] = [lun.number]
         # a disk queues commands (the unit's QueueDepth); a tape, changer or optical drive
-        # is a sequential machine: one command at a time, in the order the target took them
-        self._one_at_a_time = threading.Lock() if self.peripheral_type != DISK else None
+        # is a sequential machine: its LU's task set hands out one command at a time, in
+        # task-set order (an aborted one still waiting never reaches the device)
+        self.sequential = self.peripheral_type != DISK
 
     # --- the LogicalUnit's interface ---------------------------------------------------------
 
     def execute(self, task: ScsiTask) -> None:
-        if self._one_at_a_time is None:
-            self._execute(task)
-            return
-        with self._one_at_a_time:
-            self._execute(task)
-
-    def _execute(self, task: ScsiTask) -> None:
         task.status, task.sense, task.data_in = ScsiStatus.GOOD, b"", None
         try:
             self._dispatch(task)
@@ -327,7 +321,7 @@ class PassThroughDevice(NexusAttentions):
                 log.exception("LUN%d: reopening %s", self.lun_number, self.path)
                 back = False
             if back:            # the command was not run: again (it meets the power-on)
-                self._execute(task)
+                self.execute(task)
                 return
             self._answer(task, SenseKey.NOT_READY, Asc.LOGICAL_UNIT_NOT_READY)
         except TransportTrouble as exc:
