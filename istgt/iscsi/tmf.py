@@ -6,6 +6,7 @@ import logging
 
 from istgt.iscsi import pdu as wire
 from istgt.iscsi.pdu import RejectReason, TmfFunction, TmfResponse
+from istgt.lu.unit import TaskStillRunning
 
 log = logging.getLogger("istgt.iscsi")
 
@@ -24,7 +25,14 @@ def handle(conn, pdu) -> None:
     after = None
     if fn == TmfFunction.ABORT_TASK:
         rtt = pdu.ref_task_tag
-        if conn.abort_writes(lambda c: c.itt == rtt) or target.abort_task(nexus, rtt):
+        try:
+            found = conn.abort_writes(lambda c: c.itt == rtt) or target.abort_task(nexus, rtt)
+        except TaskStillRunning as exc:
+            log.error("ABORT TASK: %s", exc)
+            found = None
+        if found is None:
+            response = TmfResponse.REJECTED     # the initiator escalates (LU reset...)
+        elif found:
             response = TmfResponse.COMPLETE
         elif s.consume_unseen(pdu.ref_cmdsn, pdu.cmdsn):
             response = TmfResponse.COMPLETE

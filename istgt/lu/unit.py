@@ -28,7 +28,7 @@ INLINE_SLOW_NS = 2_000_000
 INLINE_PAUSE_NS = 1_000_000_000
 INLINE_BATCH_BYTES = 1024 * 1024
 INLINE_MAX_BYTES = 128 * 1024   # larger transfers gain more from a worker's overlap (measured)
-ABORT_WAIT_S = 60
+ABORT_WAIT_S = 60.0
 # a real device (pass-through) holding an aborted command this long is reset: SG_IO cannot
 # abort one command, and FUNCTION COMPLETE must mean the command has no further effect
 DEVICE_ABORT_GRACE_S = 5.0
@@ -52,6 +52,10 @@ def _served_from_page_cache(device) -> bool:
     if own is not None:
         return own
     return getattr(getattr(device, "backend", None), "served_from_page_cache", True)
+
+
+class TaskStillRunning(Exception):
+    """An aborted task did not end: ABORT TASK answers FUNCTION REJECTED."""
 
 
 class LogicalUnit:
@@ -164,13 +168,17 @@ class LogicalUnit:
 
     # ---- task management (SAM-5 / RFC 7143 11.5)
     def abort(self, match) -> list[QueuedTask]:
+        return self._abort(match)[0]
+
+    def _abort(self, match) -> tuple[list[QueuedTask], list[QueuedTask]]:
+        """(the aborted tasks, those of them still running after every wait)."""
         removed, running = self._queue.abort(lambda e: match(e.task))
         for e in removed:                # never started: nobody else will call done
             e.done(e.task, True)
-        self._wait_aborted(running)      # their workers call done(task, True) when they end
-        return removed + running
+        # their workers call done(task, True) when they end
+        return removed + running, self._wait_aborted(running)
 
-    def _wait_aborted(self, running: list[QueuedTask]) -> None:
+    def _wait_aborted(self, running: list[QueuedTask]) -> list[QueuedTask]:
         held = [e for e in running
                 if getattr(self.devices.get(e.task.lun), "reset_unblocks_tasks", False)]
         if held:
@@ -183,12 +191,19 @@ class LogicalUnit:
                     continue
                 log.warning("LU%d LUN%d: the device still holds an aborted command after "
                             "%.0f s: resetting it", self.number, lun, DEVICE_ABORT_GRACE_S)
-                device.reset("lun")
+                end_held = getattr(device, "end_held_commands", None)
+                if end_held is not None:
+                    end_held()
+                else:
+                    device.reset("lun")
         deadline = time.monotonic() + ABORT_WAIT_S
+        unfinished = []
         for e in running:
             if not e.finished.wait(max(0.0, deadline - time.monotonic())):
                 log.error("LU%d LUN%d: an aborted command is still running after %d s",
                           self.number, e.task.lun, ABORT_WAIT_S)
+                unfinished.append(e)
+        return unfinished
 
     def abort_now(self, match) -> None:
         """Abort matching tasks without waiting: running ones just lose their answer, and
@@ -216,7 +231,12 @@ class LogicalUnit:
                                                        for p in patterns))
 
     def abort_task(self, nexus, tag: int) -> bool:
-        return bool(self.abort(lambda t: t.nexus == nexus and t.tag == tag))
+        """Whether the task existed (it is gone now); TaskStillRunning when it did not end
+        (a device that takes no reset), so the initiator is not told it is gone."""
+        aborted, unfinished = self._abort(lambda t: t.nexus == nexus and t.tag == tag)
+        if unfinished:
+            raise TaskStillRunning(f"LU{self.number}: task {tag:#x} still running")
+        return bool(aborted)
 
     def abort_task_set(self, nexus, lun: int) -> None:
         self.abort(lambda t: t.nexus == nexus and t.lun == lun)

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 SG_IO = 0x2285
 SG_SCSI_RESET = 0x2284
 SG_SCSI_RESET_DEVICE = 1
+SG_SCSI_RESET_NO_ESCALATE = 0x100   # never a target, bus or host reset: other devices
+SG_MAX_QUEUE = 16                   # requests the sg driver takes per open file (else EDOM)
 SG_DXFER_NONE, SG_DXFER_TO_DEV, SG_DXFER_FROM_DEV = -1, -2, -3
 SENSE_MAX = 252
 DID_OK = 0
@@ -61,6 +63,8 @@ READS = {0x08: 6, 0x28: 10, 0xA8: 12, 0x88: 16}
 WRITES = {0x0A: 6, 0x2A: 10, 0xAA: 12, 0x8A: 16}
 DISK, TAPE, CD_DVD, CHANGER = 0x00, 0x01, 0x05, 0x08
 NACA, LINK = 0x04, 0x01             # control byte bits the target does not pass on
+NORMACA = 0x20                      # standard INQUIRY byte 3
+ASC_RESET_CLASS = 0x29              # POWER ON, RESET, OR BUS DEVICE RESET OCCURRED and kin
 
 
 class SgIoHdr(ctypes.Structure):
@@ -87,9 +91,11 @@ _libc.ioctl.restype = ctypes.c_int
 class DeviceGone(OSError):
     """The device is not there any more (removed, or no longer reachable)."""
 
-    def __init__(self, error: int, message: str, device: "SgDevice | None" = None) -> None:
+    def __init__(self, error: int, message: str, device: "SgDevice | None" = None,
+                 sent: bool = True) -> None:
         super().__init__(error, message)
         self.device = device            # the opened node that found it gone
+        self.sent = sent                # the command may have reached the device
 
 
 class TransportTrouble(OSError):
@@ -121,6 +127,7 @@ class SgDevice:
         self._fd_lock = threading.Lock()
         self._in_flight = 0
         self._closing = False
+        self._queue_slots = threading.BoundedSemaphore(SG_MAX_QUEUE)
         base = f"/sys/class/scsi_generic/{self.sg_name}/device"
         self.peripheral_type = int(_read_sysfs(f"{base}/type") or "0")
         self.max_transfer = max_transfer_bytes(base)
@@ -142,11 +149,12 @@ class SgDevice:
                          dxfer_len=length, dxferp=ctypes.addressof(data) if data else None,
                          cmdp=ctypes.addressof(cdb_buffer), sbp=ctypes.addressof(sense),
                          timeout=timeout_ms)
-        fd = self._enter()
-        try:
-            result = _libc.ioctl(fd, SG_IO, ctypes.byref(header))   # GIL released
-        finally:
-            self._leave()
+        with self._queue_slots:
+            fd = self._enter()
+            try:
+                result = _libc.ioctl(fd, SG_IO, ctypes.byref(header))   # GIL released
+            finally:
+                self._leave()
         del data
         if result < 0:
             error = ctypes.get_errno()
@@ -164,7 +172,8 @@ class SgDevice:
         return header.status, sense.raw[:header.sb_len_wr], header.resid
 
     def reset(self) -> None:
-        value = ctypes.c_int(SG_SCSI_RESET_DEVICE)
+        """A LOGICAL UNIT RESET of this device alone (never escalated by the kernel)."""
+        value = ctypes.c_int(SG_SCSI_RESET_DEVICE | SG_SCSI_RESET_NO_ESCALATE)
         fd = self._enter()
         try:
             failed = _libc.ioctl(fd, SG_SCSI_RESET, ctypes.byref(value)) < 0
@@ -178,7 +187,7 @@ class SgDevice:
         with self._fd_lock:
             if self._closing:
                 raise DeviceGone(errno.ENODEV, f"{self.path}: closed, the device was gone",
-                                 self)
+                                 self, sent=False)
             self._in_flight += 1
             return self.fd
 
@@ -296,6 +305,11 @@ class PassThroughDevice(NexusAttentions):
         self.abort_lun_tasks: Any = None
         self._init_attentions()
         self._swap_lock = threading.Lock()
+        # a 29h attention met while the target resets the device is the target's own
+        # reset, which every nexus hears of from the target: not relayed (benign races)
+        self._resets_in_progress = 0
+        self._reset_epoch = 0
+        self._closed = False
         self._drain_device_attentions()
         self._gone = False
         self._all_luns: list[int] = [lun.number]
@@ -320,9 +334,10 @@ class PassThroughDevice(NexusAttentions):
             except Exception:
                 log.exception("LUN%d: reopening %s", self.lun_number, self.path)
                 back = False
-            if back:            # the command was not run: again (it meets the power-on)
+            if back and not exc.sent:   # it never reached a device: again (meets the power-on)
                 self.execute(task)
                 return
+            # gone, or it may have run on the old node: the initiator decides what to redo
             self._answer(task, SenseKey.NOT_READY, Asc.LOGICAL_UNIT_NOT_READY)
         except TransportTrouble as exc:
             log.warning("LUN%d: %s", self.lun_number, exc)
@@ -342,6 +357,8 @@ class PassThroughDevice(NexusAttentions):
         served."""
         failed = exc.device if isinstance(exc, DeviceGone) and exc.device else self.sg
         with self._swap_lock:
+            if self._closed:
+                return False
             if self.sg is not failed:
                 return True                     # another command opened it again meanwhile
             now = time.monotonic()
@@ -355,6 +372,13 @@ class PassThroughDevice(NexusAttentions):
             if now < self._next_reopen:
                 return False
             self._next_reopen = now + REOPEN_INTERVAL_S
+            if not any(failed.identity[3:]):
+                if self._next_reopen != float("inf"):
+                    log.error("LUN%d: %s has no serial number or identification page: a "
+                              "device back under its path could be another of its model; "
+                              "reload the LU to serve it again", self.lun_number, self.path)
+                self._next_reopen = float("inf")
+                return False
             try:
                 fresh = self._open_device(self.path)
             except OSError:
@@ -367,9 +391,9 @@ class PassThroughDevice(NexusAttentions):
                 return False
             self.sg = fresh
             self._gone = False
-            self._drain_device_attentions()
             self._take_unit_attention(nexus, consume=False)       # known, so it hears too
             self._reset_unit_attentions(Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET)
+            self._drain_device_attentions()
         log.warning("LUN%d: %s is back (%s)", self.lun_number, self.path, fresh.sg_name)
         return True
 
@@ -380,19 +404,37 @@ class PassThroughDevice(NexusAttentions):
         task.data_in = None
 
     def reset(self, kind: Any = "lun", from_peer: bool = False) -> None:
+        """A LOGICAL UNIT RESET (or target reset): the reservations go, the device is
+        reset, every nexus gets 29/03."""
         self.reservations.reset()
+        self._reset_device()
+
+    def end_held_commands(self) -> bool:
+        """An aborted command the device still holds: SG_IO cannot abort one command, so
+        the device is reset, which ends what it holds. The target's reservations are not
+        the device's and stay. Whether the device took the reset."""
+        return self._reset_device()
+
+    def _reset_device(self) -> bool:
         with self._swap_lock:            # not while a gone device's node is being closed
+            self._resets_in_progress += 1
+            self._reset_epoch += 1
             try:
-                self.sg.reset()
-            except OSError as exc:
-                log.warning("LUN%d: device reset failed: %s", self.lun_number, exc)
-            else:
+                self._reset_unit_attentions(Asc.BUS_DEVICE_RESET_FUNCTION_OCCURRED)
+                try:
+                    self.sg.reset()
+                except OSError as exc:
+                    log.warning("LUN%d: device reset failed: %s", self.lun_number, exc)
+                    return False
                 self._drain_device_attentions()
-        self._reset_unit_attentions(Asc.BUS_DEVICE_RESET_FUNCTION_OCCURRED)
+                return True
+            finally:
+                self._resets_in_progress -= 1
 
     def _drain_device_attentions(self) -> None:
-        """Take the attentions the device holds for the target itself (its reset, a
-        power-on at open): each nexus gets the target's own instead, once."""
+        """Take the attentions the device holds for the target itself: those of its reset
+        or power-on (every nexus hears of that from the target, once), and any other one
+        (medium or capacity changed...), which is kept for every nexus."""
         for _ in range(DRAIN_TRIES):
             try:
                 status, sense, _ = self.sg.command(bytes(6), SG_DXFER_NONE, None,
@@ -403,6 +445,8 @@ class PassThroughDevice(NexusAttentions):
             if status != ScsiStatus.CHECK_CONDITION or \
                     _sense_key(sense) != SenseKey.UNIT_ATTENTION:
                 return
+            if _asc(sense) != ASC_RESET_CLASS:
+                self._queue_unit_attention(bytes(sense))
 
     def nexus_lost(self, nexus: ITNexus) -> None:
         self._forget_nexus(nexus)
@@ -421,7 +465,9 @@ class PassThroughDevice(NexusAttentions):
         """The device reports its own capacity: nothing to follow here."""
 
     def close(self) -> None:
-        self.sg.close()
+        with self._swap_lock:
+            self._closed = True          # a straggler's DeviceGone opens nothing more
+            self.sg.close()
 
     # --- dispatch ------------------------------------------------------------------------------
 
@@ -472,14 +518,18 @@ class PassThroughDevice(NexusAttentions):
         else:
             direction = SG_DXFER_FROM_DEV
             buffer = bytearray(length)
+        epoch = self._reset_epoch
         status, sense, residual = self.sg.command(cdb, direction, buffer if length else None,
                                                   timeout_for(cdb[0], self.peripheral_type))
         task.status = status
         task.sense = sense
         if status == ScsiStatus.CHECK_CONDITION and _sense_key(sense) == SenseKey.UNIT_ATTENTION:
-            # the device sees one initiator, the target: what it reports (medium changed,
-            # capacity or mode parameters changed...) concerns every nexus
-            self._queue_unit_attention(bytes(sense), except_nexus=task.nexus)
+            ours = _asc(sense) == ASC_RESET_CLASS and (
+                self._resets_in_progress or self._reset_epoch != epoch)
+            if not ours:
+                # the device sees one initiator, the target: what it reports (medium
+                # changed, capacity or mode parameters changed...) concerns every nexus
+                self._queue_unit_attention(bytes(sense), except_nexus=task.nexus)
         if direction == SG_DXFER_FROM_DEV:
             task.data_in = buffer[:max(0, length - residual)]
 
@@ -533,7 +583,10 @@ class PassThroughDevice(NexusAttentions):
         if not cdb[1] & 0x01:
             # what the data says it holds, not a device's padding up to the allocation
             # length (QEMU's scsi-hd pads, and the sg residual then says 0)
-            return data[:data[4] + 5] if len(data) > 4 else data
+            data = data[:data[4] + 5] if len(data) > 4 else data
+            if len(data) > 3 and data[3] & NORMACA:
+                data = data[:3] + bytes([data[3] & ~NORMACA]) + data[4:]   # NACA is refused
+            return data
         if cdb[2] == 0x83 and len(data) >= 4 and u16(data, 2) + 4 > len(data):
             # cut short by the allocation length: ask for the whole page, then add ours
             whole = bytearray(u16(data, 2) + 4)
@@ -569,6 +622,12 @@ class PassThroughDevice(NexusAttentions):
             (self.reservations.reserve6 if opcode == 0x16 else self.reservations.reserve10)(task)
         else:
             (self.reservations.release6 if opcode == 0x17 else self.reservations.release10)(task)
+
+
+def _asc(sense: bytes) -> int:
+    """The ADDITIONAL SENSE CODE (fixed or descriptor format), or -1."""
+    index = 2 if sense[:1] and sense[0] & 0x7F >= 0x72 else 12
+    return sense[index] if len(sense) > index else -1
 
 
 def _sense_key(sense: bytes) -> int:

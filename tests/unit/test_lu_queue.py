@@ -378,3 +378,27 @@ def test_an_abort_task_a_real_device_ends_in_time_does_not_reset_it(monkeypatch)
     assert lu.abort_task("n1", 1)
     assert dev.resets == 0
     lu.shutdown()
+
+
+class UnresettableDevice(HeldByDevice):
+    """A device whose reset does not end what it holds."""
+
+    def reset(self, kind):
+        self.resets += 1
+
+
+def test_an_abort_task_whose_command_never_ends_is_not_called_complete(monkeypatch):
+    import pytest
+
+    import istgt.lu.unit as unit
+    monkeypatch.setattr(unit, "DEVICE_ABORT_GRACE_S", 0.1)
+    monkeypatch.setattr(unit, "ABORT_WAIT_S", 0.3)
+    dev = UnresettableDevice()
+    lu = LogicalUnit(Config(8), {0: dev}, max_sessions=1)
+    lu.submit(Task(1), lambda t, a: None)
+    assert wait_for(lambda: dev.started == [1])
+    with pytest.raises(unit.TaskStillRunning):
+        lu.abort_task("n1", 1)
+    assert dev.resets == 1
+    dev.gate.set()
+    lu.shutdown()

@@ -31,6 +31,8 @@ class FakeSg:
         self.sg_name = "sg0"
 
     def command(self, cdb, direction, buffer, timeout_ms):
+        if self.closed:                                      # as SgDevice._enter
+            raise DeviceGone(19, "closed", self, sent=False)
         if self.gone:
             raise DeviceGone(19, "gone", self)
         self.commands.append((bytes(cdb), direction, len(buffer) if buffer else 0))
@@ -230,9 +232,12 @@ class ResetAttentionsSg(FakeSg):
         super().__init__()
         self.pending = 0
 
+    extra = None            # another attention the device holds after its reset ones
+
     def reset(self):
         super().reset()
         self.pending = 2
+        self.extra_pending = self.extra
 
     def command(self, cdb, direction, buffer, timeout_ms):
         if self.pending:
@@ -240,6 +245,9 @@ class ResetAttentionsSg(FakeSg):
             self.commands.append((bytes(cdb), direction, 0))
             return (ScsiStatus.CHECK_CONDITION, bytes([0x70, 0, 6]) + bytes(9) + b"\x29" +
                     bytes(5), 0)
+        if getattr(self, "extra_pending", None):
+            sense, self.extra_pending = self.extra_pending, None
+            return (ScsiStatus.CHECK_CONDITION, sense, 0)
         return super().command(cdb, direction, buffer, timeout_ms)
 
 
@@ -434,14 +442,169 @@ def test_an_aborted_tape_command_still_waiting_never_reaches_the_drive():
     assert [c[0][0] for c in sg.commands] == [0x01]
 
 
-def test_a_command_that_met_the_old_node_after_a_reopen_leaves_the_new_one_alone():
-    """With commands in parallel, one may find the old node gone after another command
-    opened the device again: it runs again on the new node, which stays open."""
-    old, new = FakeSg(), FakeSg()
-    d = ready(device(old, lambda path: new))
-    d.sg = new                                         # another command reopened it
-    assert d._device_gone(DeviceGone(19, "gone", old), NEXUS)
-    assert d.sg is new and not new.closed
+class OldNodeSg(FakeSg):
+    """The old node: while a command is on it, another command reopens the device."""
+
+    def __init__(self, fresh, sent):
+        super().__init__()
+        self.fresh, self.sent, self.device = fresh, sent, None
+
+    def command(self, cdb, direction, buffer, timeout_ms):
+        if self.device is None:                           # the open's TEST UNIT READY
+            return super().command(cdb, direction, buffer, timeout_ms)
+        self.device.sg = self.fresh
+        raise DeviceGone(19, "gone", self, sent=self.sent)
+
+
+def test_a_command_that_may_have_run_on_the_old_node_is_not_run_again():
+    """A WRITE stuck on the old node comes back ENODEV after another command reopened the
+    device: it may have run, so it is answered NOT READY, not run again over newer data."""
+    fresh = FakeSg()
+    old = OldNodeSg(fresh, sent=True)
+    d = ready(device(old))
+    old.device = d
+    task = run(d, struct.pack(">BBIBHB", 0x2A, 0, 7, 0, 1, 0), data=bytes(512))
+    assert task.status == ScsiStatus.CHECK_CONDITION and task.sense[2] & 0x0F == 0x02
+    assert fresh.commands == [] and not fresh.closed and d.sg is fresh
+
+
+def test_a_command_that_never_reached_the_old_node_runs_on_the_new_one():
+    fresh = FakeSg()
+    old = OldNodeSg(fresh, sent=False)
+    d = ready(device(old))
+    old.device = d
+    task = run(d, struct.pack(">BBIBHB", 0x2A, 0, 7, 0, 1, 0), data=bytes(512))
+    assert task.status == ScsiStatus.GOOD and fresh.commands[0][0][0] == 0x2A
+
+
+def test_a_device_without_serial_or_identification_is_not_reopened(monkeypatch):
+    import istgt.scsi.passthrough as passthrough
+    monkeypatch.setattr(passthrough, "REOPEN_INTERVAL_S", 0.0)
+    first = FakeSg()
+    first.identity = ("QEMU", "QEMU HARDDISK", "2.5+", None, b"")
+    opened = []
+    d = ready(device(first, lambda path: opened.append(1) or FakeSg()))
+    first.gone = True
+    for _ in range(3):
+        assert run(d, bytes(6)).sense[2] & 0x0F == 0x02
+    assert opened == []
+
+
+def test_a_closed_unit_opens_nothing_more(monkeypatch):
+    import istgt.scsi.passthrough as passthrough
+    monkeypatch.setattr(passthrough, "REOPEN_INTERVAL_S", 0.0)
+    first = FakeSg()
+    opened = []
+    d = ready(device(first, lambda path: opened.append(1) or FakeSg()))
+    d.close()
+    assert not d._device_gone(DeviceGone(19, "closed", first, sent=False), NEXUS)
+    assert opened == []
+
+
+class FakeLibc:
+    """In place of libc's ioctl: counts SG_IO calls inside at once, records resets."""
+
+    def __init__(self):
+        import threading
+        self.lock = threading.Lock()
+        self.inside = self.most = 0
+        self.reset_values = []
+
+    def ioctl(self, fd, request, argument):
+        import ctypes
+        import time
+        if request == 0x2284:                                # SG_SCSI_RESET
+            self.reset_values.append(ctypes.cast(argument, ctypes.POINTER(ctypes.c_int))[0])
+            return 0
+        with self.lock:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+        time.sleep(0.02)
+        with self.lock:
+            self.inside -= 1
+        return 0
+
+
+def bare_sg_device(monkeypatch):
+    import os
+    import threading
+
+    import istgt.scsi.passthrough as passthrough
+    libc = FakeLibc()
+    monkeypatch.setattr(passthrough, "_libc", libc)
+    sg = passthrough.SgDevice.__new__(passthrough.SgDevice)
+    sg.path, sg.fd = "/dev/sg9", os.open(os.devnull, os.O_RDONLY)
+    sg._fd_lock, sg._in_flight, sg._closing = threading.Lock(), 0, False
+    sg._queue_slots = threading.BoundedSemaphore(passthrough.SG_MAX_QUEUE)
+    return sg, libc
+
+
+def test_no_more_commands_on_one_sg_node_than_the_driver_queues(monkeypatch):
+    """sg takes 16 requests per open file and answers EDOM beyond: at QueueDepth 32 the
+    others wait for a slot instead of coming back BUSY."""
+    import threading
+    sg, libc = bare_sg_device(monkeypatch)
+    threads = [threading.Thread(target=sg.command, args=(bytes(6), -1, None, 1000))
+               for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert libc.most == 16
+    sg.close()
+
+
+def test_the_device_reset_is_never_escalated_by_the_kernel(monkeypatch):
+    sg, libc = bare_sg_device(monkeypatch)
+    sg.reset()
+    assert libc.reset_values == [0x101]          # SG_SCSI_RESET_DEVICE | NO_ESCALATE
+    sg.close()
+
+
+def test_ending_a_held_command_resets_the_device_but_keeps_the_reservations():
+    sg = FakeSg()
+    d = ready(ready(device(sg)), OTHER)
+    assert run(d, bytes([0x16, 0, 0, 0, 0, 0])).status == ScsiStatus.GOOD    # RESERVE(6)
+    assert d.end_held_commands() and sg.resets == 1
+    for nexus in (NEXUS, OTHER):
+        assert run(d, bytes(6), nexus).sense[12:14] == b"\x29\x03"
+    assert run(d, bytes(6), OTHER).status == ScsiStatus.RESERVATION_CONFLICT
+    d.reset("lun")                                      # an LU reset releases it
+    run(d, bytes(6), OTHER)
+    assert run(d, bytes(6), OTHER).status == ScsiStatus.GOOD
+
+
+def test_other_attentions_the_device_holds_at_a_reset_reach_every_nexus():
+    """The reset's own 29h attentions are the target's to give; a capacity change the
+    device held is kept for every nexus."""
+    sg = ResetAttentionsSg()
+    d = ready(ready(device(sg)), OTHER)
+    sg.extra = UA_CAPACITY_CHANGED
+    d.reset("lun")
+    for nexus in (NEXUS, OTHER):
+        assert run(d, bytes(6), nexus).sense[12:14] == b"\x29\x03"
+        assert run(d, bytes(6), nexus).sense == UA_CAPACITY_CHANGED
+        assert run(d, bytes(6), nexus).status == ScsiStatus.GOOD
+
+
+def test_the_devices_reset_attention_met_during_a_reset_is_not_relayed():
+    sg = FakeSg()
+    d = ready(ready(device(sg)), OTHER)
+    reset_ua = bytes([0x70, 0, 6]) + bytes(9) + b"\x29" + bytes(5)
+    d._resets_in_progress = 1                          # a reset on another thread
+    sg.answer = (ScsiStatus.CHECK_CONDITION, reset_ua, 0)
+    assert run(d, bytes(6)).sense == reset_ua           # the command met it
+    d._resets_in_progress = 0
+    sg.answer = (ScsiStatus.GOOD, b"", 0)
+    assert run(d, bytes(6), OTHER).status == ScsiStatus.GOOD     # nothing relayed
+
+
+def test_normaca_is_not_offered_in_the_standard_inquiry_data():
+    sg = FakeSg()
+    sg.fill = b"\x20"                                  # every byte has bit 5 (NORMACA) set
+    d = ready(device(sg))
+    task = run(d, bytes([0x12, 0, 0, 0, 36, 0]), edtl=36)
+    assert task.status == ScsiStatus.GOOD and task.data_in[3] == 0x00
 
 
 def test_a_lost_nexus_is_forgotten_and_a_new_one_starts_afresh():
