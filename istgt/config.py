@@ -1213,7 +1213,8 @@ def _logical_unit(
     )
     if unit_type in ("dvd", "tape"):
         queue_depth = 0  # the emulated drives run one command at a time, as istgt's
-    # Pass: as given (none by default, as istgt); the device serializes tapes and changers
+    # Pass: as given (none by default, as istgt); a tape or changer LUN still takes one
+    # command at a time (LogicalUnit: TaskQueue.sequential_luns)
     luns = _luns(reader, unit_type, inquiry.serial, read_only, block_length)
     return LogicalUnitConfig(
         number=number,

@@ -53,9 +53,10 @@ class TaskQueue:
     def __init__(self, limit: int, batch: int = BATCH_HINT):
         self.limit = limit            # tasks waiting beyond this get TASK SET FULL
         self.batch = batch            # tasks a worker takes at once
-        # a sequential device (tape, changer): one task at a time, in task-set order, so an
-        # aborted task still waiting never reaches the device
-        self.one_at_a_time = False
+        # LUNs of sequential devices (tape, changer): one task at a time each, in task-set
+        # order, so an aborted task still waiting never reaches the device; other LUNs'
+        # tasks may pass one that waits for its LUN
+        self.sequential_luns: frozenset[int] = frozenset()
         self._lock = threading.Lock()
         self._waiting: deque[QueuedTask] = deque()   # guarded by _lock
         self._running: list[QueuedTask] = []         # guarded by _lock
@@ -96,7 +97,7 @@ class TaskQueue:
         task running, room in the task set); returns how many. They are finished with
         finish() as usual."""
         with self._lock:
-            if self._closed or self._waiting or self._barriers or self.one_at_a_time:
+            if self._closed or self._waiting or self._barriers or self.sequential_luns:
                 return 0
             room = self.limit - len(self._running)
             started = 0
@@ -111,8 +112,6 @@ class TaskQueue:
 
     def _may_start(self, e: QueuedTask) -> bool:
         """Whether the task at the head of the waiting line may start now."""
-        if self.one_at_a_time and self._running:
-            return False
         if e.attr == HEAD_OF_QUEUE:
             return True
         if e.attr == ORDERED:
@@ -121,13 +120,35 @@ class TaskQueue:
 
     def _pick(self) -> QueuedTask | None:
         waiting = self._waiting
-        if not waiting or not self._may_start(waiting[0]):
+        if not waiting:
             return None
-        e = waiting.popleft()
+        if self.sequential_luns:
+            return self._pick_sequential()
+        if not self._may_start(waiting[0]):
+            return None
+        return self._start(waiting.popleft())
+
+    def _start(self, e: QueuedTask) -> QueuedTask:
         self._running.append(e)
         if e.attr != SIMPLE:
             self._barriers.append(e.seq)
         return e
+
+    def _pick_sequential(self) -> QueuedTask | None:
+        """The first waiting task that may start, where a task of a sequential LUN waits
+        while its LUN runs one; tasks behind it of other LUNs may pass it, never one of
+        its own LUN, nor anything behind an ORDERED or HEAD OF QUEUE task."""
+        busy = {e.task.lun for e in self._running if e.task.lun in self.sequential_luns}
+        passed: set[int] = set()
+        for index, e in enumerate(self._waiting):
+            lun = e.task.lun
+            if lun not in passed and lun not in busy and self._may_start(e):
+                del self._waiting[index]
+                return self._start(e)
+            if e.attr != SIMPLE:
+                return None
+            passed.add(lun)
+        return None
 
     def take(self, parker: threading.Lock, limit: int = 1) -> list[QueuedTask] | None:
         """Block until a task may start; returns it with up to `limit` - 1 further SIMPLE

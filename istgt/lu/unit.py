@@ -42,9 +42,9 @@ def _all_page_cache(devices: dict) -> bool:
     return all(_served_from_page_cache(d) for d in devices.values())
 
 
-def _any_sequential(devices: dict) -> bool:
-    """A tape or changer passed through takes one command at a time, in order."""
-    return any(getattr(d, "sequential", False) for d in devices.values())
+def _sequential_luns(devices: dict) -> frozenset[int]:
+    """LUNs of tapes and changers passed through: one command at a time each, in order."""
+    return frozenset(lun for lun, d in devices.items() if getattr(d, "sequential", False))
 
 
 def _served_from_page_cache(device) -> bool:
@@ -75,7 +75,7 @@ class LogicalUnit:
         # QD32 0.53x with one per worker)
         one_each = any(getattr(d, "one_task_per_worker", False) for d in devices.values())
         self._queue = TaskQueue(limit, 1 if one_each else BATCH_HINT)
-        self._queue.one_at_a_time = _any_sequential(devices)
+        self._queue.sequential_luns = _sequential_luns(devices)
         most = MAX_WORKERS if _all_page_cache(devices) else MAX_REMOTE_WORKERS
         workers = 1 if self.queue_depth == 0 else min(most, self.queue_depth)
         self.stats = IoStats()
@@ -285,7 +285,7 @@ class LogicalUnit:
         for lun, device in sorted(built.items()):
             self._hook(device)
             self.devices[lun] = device
-        self._queue.one_at_a_time = _any_sequential(self.devices)
+        self._queue.sequential_luns = _sequential_luns(self.devices)
         self.config = config
         self.number = config.number
         numbers = sorted(self.devices)

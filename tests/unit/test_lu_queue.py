@@ -402,3 +402,59 @@ def test_an_abort_task_whose_command_never_ends_is_not_called_complete(monkeypat
     assert dev.resets == 1
     dev.gate.set()
     lu.shutdown()
+
+
+def lun_entry(name, lun, attr=SIMPLE):
+    from types import SimpleNamespace
+    return QueuedTask(SimpleNamespace(name=name, lun=lun), None, attr)
+
+
+def taken(q):
+    """What a worker would take now, or None when nothing may start."""
+    with q._lock:
+        e = q._pick()
+    return e.task.name if e else None
+
+
+def test_a_sequential_lun_runs_one_task_at_a_time_in_order_while_others_pass():
+    """Tapes and changers passed through: one command per LUN, in task-set order; a task of
+    another LUN does not wait behind one waiting for its busy tape."""
+    q = TaskQueue(20, batch=1)
+    q.sequential_luns = frozenset({1, 2})
+    for name, lun in (("t1-a", 1), ("t1-b", 1), ("t2-a", 2), ("d-a", 0), ("t1-c", 1)):
+        q.put(lun_entry(name, lun))
+    assert taken(q) == "t1-a"
+    assert taken(q) == "t2-a"                    # passes t1-b, whose tape is busy
+    assert taken(q) == "d-a"
+    assert taken(q) is None                      # t1-b and t1-c wait for t1-a
+    first = next(e for e in q._running if e.task.name == "t1-a")
+    q.finish(first)
+    assert taken(q) == "t1-b"                    # never t1-c before it
+
+
+def test_nothing_passes_an_ordered_task_on_a_sequential_unit():
+    q = TaskQueue(20, batch=1)
+    q.sequential_luns = frozenset({1})
+    q.put(lun_entry("t-a", 1))
+    assert taken(q) == "t-a"
+    q.put(lun_entry("t-b", 1))
+    q.put(lun_entry("d-o", 0, ORDERED))
+    q.put(lun_entry("d-a", 0))
+    assert taken(q) is None                      # d-o waits for t-a; d-a waits behind d-o
+
+
+def test_no_task_of_a_unit_with_a_sequential_lun_starts_on_a_receiver():
+    q = TaskQueue(20)
+    q.sequential_luns = frozenset({1})
+    assert q.start_now([lun_entry("d-a", 0)]) == 0
+
+
+def test_a_reload_that_brings_a_tape_makes_its_lun_sequential():
+    class Tape(QuickDevice):
+        sequential = True
+
+    lu = LogicalUnit(Config(8), {0: QuickDevice()}, max_sessions=1)
+    assert lu._queue.sequential_luns == frozenset()
+    lu.replace_luns(Config(8), {1: Tape()}, set())
+    assert lu._queue.sequential_luns == frozenset({1})
+    lu.shutdown()
