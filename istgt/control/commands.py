@@ -19,6 +19,7 @@ from istgt.config import parse_size
 from istgt.control.auth import ControlAuthError, ServerChap
 from istgt.control.protocol import parse_request
 from istgt.lu.stats import Counters
+from istgt.lu.unit import TaskStillRunning
 
 log = logging.getLogger("istgt.ctl")
 
@@ -140,7 +141,10 @@ class ControlSession:
     def _reset(self, args: list[str]) -> list[str]:
         unit, lun = self._target_and_lun(args)
         log.warning("Unit Reset %s lun%d from %s", unit.name, lun, self.peer)
-        unit.lun_reset(lun)
+        try:
+            unit.lun_reset(lun)
+        except TaskStillRunning as exc:
+            raise CommandError(f"reset done, but {exc}") from exc
         return []
 
     def _removable(self, args: list[str]) -> tuple[Any, int, Any]:

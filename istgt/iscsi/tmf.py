@@ -43,21 +43,29 @@ def handle(conn, pdu) -> None:
         if lun not in target.devices:
             response = TmfResponse.LUN_DOES_NOT_EXIST
         else:
-            if fn == TmfFunction.ABORT_TASK_SET:
-                conn.abort_writes(lambda c: c.task.lun == lun)
-                target.abort_task_set(nexus, lun)
-            elif fn == TmfFunction.CLEAR_TASK_SET:
-                conn.server.abort_writes_everywhere(target, lambda c: c.task.lun == lun)
-                target.clear_task_set(lun, nexus)
-            else:
-                conn.server.abort_writes_everywhere(target, lambda c: c.task.lun == lun)
-                target.lun_reset(lun)
             response = TmfResponse.COMPLETE
+            try:
+                if fn == TmfFunction.ABORT_TASK_SET:
+                    conn.abort_writes(lambda c: c.task.lun == lun)
+                    target.abort_task_set(nexus, lun)
+                elif fn == TmfFunction.CLEAR_TASK_SET:
+                    conn.server.abort_writes_everywhere(target, lambda c: c.task.lun == lun)
+                    target.clear_task_set(lun, nexus)
+                else:
+                    conn.server.abort_writes_everywhere(target, lambda c: c.task.lun == lun)
+                    target.lun_reset(lun)
+            except TaskStillRunning as exc:
+                log.error("TMF %d: %s", fn, exc)
+                response = TmfResponse.REJECTED     # not done: the initiator escalates
     elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
         conn.server.abort_writes_everywhere(target, lambda c: True)
         cold = fn == TmfFunction.TARGET_COLD_RESET
-        target.target_reset("cold" if cold else "warm")
         response = TmfResponse.COMPLETE
+        try:
+            target.target_reset("cold" if cold else "warm")
+        except TaskStillRunning as exc:
+            log.error("TMF %d: %s", fn, exc)
+            response = TmfResponse.REJECTED
         if cold:
             after = lambda: conn.server.close_target_sessions(target, "target cold reset")
     elif fn == TmfFunction.CLEAR_ACA:

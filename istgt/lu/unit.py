@@ -181,6 +181,10 @@ class LogicalUnit:
     def _wait_aborted(self, running: list[QueuedTask]) -> list[QueuedTask]:
         held = [e for e in running
                 if getattr(self.devices.get(e.task.lun), "reset_unblocks_tasks", False)]
+        for lun in {e.task.lun for e in held}:
+            cancel = getattr(self.devices.get(lun), "cancel_unsent", None)
+            if cancel is not None:       # not yet sent to the device: never will be
+                cancel([e.task for e in held if e.task.lun == lun])
         if held:
             deadline = time.monotonic() + DEVICE_ABORT_GRACE_S
             held = [e for e in held
@@ -238,11 +242,20 @@ class LogicalUnit:
             raise TaskStillRunning(f"LU{self.number}: task {tag:#x} still running")
         return bool(aborted)
 
+    def _abort_all_or_raise(self, match) -> list[QueuedTask]:
+        """For a task management function: TaskStillRunning when an aborted task did not
+        end, so it is not answered FUNCTION COMPLETE."""
+        aborted, unfinished = self._abort(match)
+        if unfinished:
+            raise TaskStillRunning(f"LU{self.number}: {len(unfinished)} aborted task(s) "
+                                   "still running")
+        return aborted
+
     def abort_task_set(self, nexus, lun: int) -> None:
-        self.abort(lambda t: t.nexus == nexus and t.lun == lun)
+        self._abort_all_or_raise(lambda t: t.nexus == nexus and t.lun == lun)
 
     def clear_task_set(self, lun: int, by_nexus) -> None:
-        aborted = self.abort(lambda t: t.lun == lun)
+        aborted = self._abort_all_or_raise(lambda t: t.lun == lun)
         device = self.devices.get(lun)
         cleared = getattr(device, "tasks_cleared", None)
         if cleared is not None and any(e.task.nexus != by_nexus for e in aborted):
@@ -254,16 +267,20 @@ class LogicalUnit:
             # a real device (pass-through): its reset is what ends the commands it holds,
             # so it comes before waiting for them
             device.reset("lun")
-            self.abort(lambda t: t.lun == lun)
+            self._abort_all_or_raise(lambda t: t.lun == lun)
             return
-        self.abort(lambda t: t.lun == lun)
-        if device is not None:
-            device.reset("lun")
+        try:
+            self._abort_all_or_raise(lambda t: t.lun == lun)
+        finally:
+            if device is not None:
+                device.reset("lun")
 
     def target_reset(self, kind: str) -> None:
-        self.abort(lambda t: True)
-        for device in self.devices.values():
-            device.reset(kind)
+        try:
+            self._abort_all_or_raise(lambda t: True)
+        finally:
+            for device in self.devices.values():
+                device.reset(kind)
 
     def nexus_lost(self, nexus) -> None:
         self.abort(lambda t: t.nexus == nexus)

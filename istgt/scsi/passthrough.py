@@ -43,6 +43,7 @@ SG_SCSI_RESET = 0x2284
 SG_SCSI_RESET_DEVICE = 1
 SG_SCSI_RESET_NO_ESCALATE = 0x100   # never a target, bus or host reset: other devices
 SG_MAX_QUEUE = 16                   # requests the sg driver takes per open file (else EDOM)
+SLOT_POLL_S = 0.05                  # how often a command waiting for a slot checks its abort
 SG_DXFER_NONE, SG_DXFER_TO_DEV, SG_DXFER_FROM_DEV = -1, -2, -3
 SENSE_MAX = 252
 DID_OK = 0
@@ -98,6 +99,10 @@ class DeviceGone(OSError):
         self.sent = sent                # the command may have reached the device
 
 
+class NotSent(Exception):
+    """An aborted command ended while it waited for a request slot: the device never saw it."""
+
+
 class TransportTrouble(OSError):
     """SG_IO or the host adapter failed this command; the device may be fine."""
 
@@ -122,21 +127,29 @@ class SgDevice:
         self.path = path
         self.sg_name = sg_name_of(path)
         self.fd = os.open(f"/dev/{self.sg_name}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        # the fd is closed only when no ioctl uses it: a number freed under a running ioctl
-        # could be reused by another open, and the next ioctl would reach another file
-        self._fd_lock = threading.Lock()
-        self._in_flight = 0
-        self._closing = False
-        self._queue_slots = threading.BoundedSemaphore(SG_MAX_QUEUE)
+        self._init_requests()
         base = f"/sys/class/scsi_generic/{self.sg_name}/device"
         self.peripheral_type = int(_read_sysfs(f"{base}/type") or "0")
         self.max_transfer = max_transfer_bytes(base)
         self.logical_block_size = logical_block_size(base)
         self.identity = device_identity(base)
 
+    def _init_requests(self) -> None:
+        # the fd is closed only when no ioctl uses it: a number freed under a running ioctl
+        # could be reused by another open, and the next ioctl would reach another file
+        self._fd_lock = threading.Lock()
+        self._in_flight = 0
+        self._closing = False
+        # initiators' commands take at most SG_MAX_QUEUE - 1 requests; the last is kept
+        # for the target's own TEST UNIT READY after a reset (made under a lock)
+        self._queue_slots = threading.BoundedSemaphore(SG_MAX_QUEUE - 1)
+
     def command(self, cdb: bytes, direction: int, buffer: bytearray | memoryview | None,
-                timeout_ms: int) -> tuple[int, bytes, int]:
-        """(SCSI status, sense, residual); DeviceGone when the device did not answer."""
+                timeout_ms: int, cancelled: Any = None,
+                own: bool = False) -> tuple[int, bytes, int]:
+        """(SCSI status, sense, residual); DeviceGone when the device did not answer.
+        `cancelled()` is asked while the command waits for a request slot (NotSent when it
+        says so); `own`: the target's command, in the slot kept for it."""
         if len(cdb) > SENSE_MAX:
             raise TransportTrouble(errno.EINVAL, f"{self.path}: a {len(cdb)}-byte CDB",
                                    busy=False)
@@ -149,12 +162,19 @@ class SgDevice:
                          dxfer_len=length, dxferp=ctypes.addressof(data) if data else None,
                          cmdp=ctypes.addressof(cdb_buffer), sbp=ctypes.addressof(sense),
                          timeout=timeout_ms)
-        with self._queue_slots:
+        if not own:
+            while not self._queue_slots.acquire(timeout=SLOT_POLL_S):
+                if cancelled is not None and cancelled():
+                    raise NotSent(f"{self.path}: aborted before it was sent")
+        try:
             fd = self._enter()
             try:
                 result = _libc.ioctl(fd, SG_IO, ctypes.byref(header))   # GIL released
             finally:
                 self._leave()
+        finally:
+            if not own:
+                self._queue_slots.release()
         del data
         if result < 0:
             error = ctypes.get_errno()
@@ -248,6 +268,15 @@ def device_identity(device_dir: str) -> tuple:
     return tuple(parts)
 
 
+def _identifies(identity: tuple) -> bool:
+    """Whether the identity tells this device from another of its model: a serial number
+    that is not blank, or a device identification page with a designator."""
+    serial_page, id_page = identity[3], identity[4]
+    if serial_page and len(serial_page) > 4 and serial_page[4:].strip(b" \0"):
+        return True
+    return bool(id_page and len(id_page) >= 8 and u16(id_page, 2) >= 4)
+
+
 def max_transfer_bytes(device_dir: str) -> int:
     """The most one command may move: the block queue's current limit (max_sectors_kb) for
     disks and CD/DVD, never more than PIECE_MAX, which sg's buffers take on any host."""
@@ -310,6 +339,8 @@ class PassThroughDevice(NexusAttentions):
         self._resets_in_progress = 0
         self._reset_epoch = 0
         self._closed = False
+        self._cancel_lock = threading.Lock()
+        self._cancelled: set[int] = set()     # id() of aborted tasks; guarded by _cancel_lock
         self._drain_device_attentions()
         self._gone = False
         self._all_luns: list[int] = [lun.number]
@@ -321,9 +352,19 @@ class PassThroughDevice(NexusAttentions):
     # --- the LogicalUnit's interface ---------------------------------------------------------
 
     def execute(self, task: ScsiTask) -> None:
+        try:
+            self._execute(task)
+        finally:
+            if self._cancelled:
+                with self._cancel_lock:
+                    self._cancelled.discard(id(task))
+
+    def _execute(self, task: ScsiTask) -> None:
         task.status, task.sense, task.data_in = ScsiStatus.GOOD, b"", None
         try:
             self._dispatch(task)
+        except NotSent:                 # aborted: nobody reads this answer
+            self._answer(task, SenseKey.ABORTED_COMMAND, Asc.INTERNAL_TARGET_FAILURE)
         except CheckCondition as condition:
             task.status = ScsiStatus.CHECK_CONDITION
             task.sense = condition.encode(False)
@@ -335,7 +376,7 @@ class PassThroughDevice(NexusAttentions):
                 log.exception("LUN%d: reopening %s", self.lun_number, self.path)
                 back = False
             if back and not exc.sent:   # it never reached a device: again (meets the power-on)
-                self.execute(task)
+                self._execute(task)
                 return
             # gone, or it may have run on the old node: the initiator decides what to redo
             self._answer(task, SenseKey.NOT_READY, Asc.LOGICAL_UNIT_NOT_READY)
@@ -372,7 +413,7 @@ class PassThroughDevice(NexusAttentions):
             if now < self._next_reopen:
                 return False
             self._next_reopen = now + REOPEN_INTERVAL_S
-            if not any(failed.identity[3:]):
+            if not _identifies(failed.identity):
                 if self._next_reopen != float("inf"):
                     log.error("LUN%d: %s has no serial number or identification page: a "
                               "device back under its path could be another of its model; "
@@ -392,8 +433,13 @@ class PassThroughDevice(NexusAttentions):
             self.sg = fresh
             self._gone = False
             self._take_unit_attention(nexus, consume=False)       # known, so it hears too
-            self._reset_unit_attentions(Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET)
-            self._drain_device_attentions()
+            self._resets_in_progress += 1         # its power-on is the target's to tell
+            self._reset_epoch += 1
+            try:
+                self._reset_unit_attentions(Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET)
+                self._drain_device_attentions()
+            finally:
+                self._resets_in_progress -= 1
         log.warning("LUN%d: %s is back (%s)", self.lun_number, self.path, fresh.sg_name)
         return True
 
@@ -405,26 +451,40 @@ class PassThroughDevice(NexusAttentions):
 
     def reset(self, kind: Any = "lun", from_peer: bool = False) -> None:
         """A LOGICAL UNIT RESET (or target reset): the reservations go, the device is
-        reset, every nexus gets 29/03."""
+        reset, every nexus gets 29/03 (the target's reset happened even if the device's
+        failed)."""
         self.reservations.reset()
-        self._reset_device()
+        self._reset_device(announce_failure=True)
+
+    def cancel_unsent(self, tasks: list[ScsiTask]) -> None:
+        """Aborted tasks: those still waiting for a request slot end without reaching the
+        device (NotSent), so only commands the device really holds count as held."""
+        with self._cancel_lock:
+            self._cancelled.update(id(task) for task in tasks)
 
     def end_held_commands(self) -> bool:
         """An aborted command the device still holds: SG_IO cannot abort one command, so
         the device is reset, which ends what it holds. The target's reservations are not
         the device's and stay. Whether the device took the reset."""
-        return self._reset_device()
+        return self._reset_device(announce_failure=False)
 
-    def _reset_device(self) -> bool:
+    def _reset_device(self, announce_failure: bool) -> bool:
         with self._swap_lock:            # not while a gone device's node is being closed
             self._resets_in_progress += 1
             self._reset_epoch += 1
             try:
+                with self._state_lock:
+                    before = {n: list(p) for n, p in self._unit_attentions.items()}
                 self._reset_unit_attentions(Asc.BUS_DEVICE_RESET_FUNCTION_OCCURRED)
                 try:
                     self.sg.reset()
                 except OSError as exc:
                     log.warning("LUN%d: device reset failed: %s", self.lun_number, exc)
+                    if not announce_failure:      # nothing was reset: as it was
+                        with self._state_lock:
+                            for nexus, pending in before.items():
+                                if nexus in self._unit_attentions:
+                                    self._unit_attentions[nexus][:] = pending
                     return False
                 self._drain_device_attentions()
                 return True
@@ -438,7 +498,7 @@ class PassThroughDevice(NexusAttentions):
         for _ in range(DRAIN_TRIES):
             try:
                 status, sense, _ = self.sg.command(bytes(6), SG_DXFER_NONE, None,
-                                                   TIMEOUT_DEFAULT_MS)
+                                                   TIMEOUT_DEFAULT_MS, own=True)
             except OSError as exc:
                 log.warning("LUN%d: TEST UNIT READY after the reset: %s", self.lun_number, exc)
                 return
@@ -518,14 +578,16 @@ class PassThroughDevice(NexusAttentions):
         else:
             direction = SG_DXFER_FROM_DEV
             buffer = bytearray(length)
-        epoch = self._reset_epoch
-        status, sense, residual = self.sg.command(cdb, direction, buffer if length else None,
-                                                  timeout_for(cdb[0], self.peripheral_type))
+        epoch, resetting = self._reset_epoch, self._resets_in_progress
+        status, sense, residual = self.sg.command(
+            cdb, direction, buffer if length else None,
+            timeout_for(cdb[0], self.peripheral_type),
+            cancelled=lambda: id(task) in self._cancelled)
         task.status = status
         task.sense = sense
         if status == ScsiStatus.CHECK_CONDITION and _sense_key(sense) == SenseKey.UNIT_ATTENTION:
             ours = _asc(sense) == ASC_RESET_CLASS and (
-                self._resets_in_progress or self._reset_epoch != epoch)
+                resetting or self._resets_in_progress or self._reset_epoch != epoch)
             if not ours:
                 # the device sees one initiator, the target: what it reports (medium
                 # changed, capacity or mode parameters changed...) concerns every nexus
@@ -559,7 +621,11 @@ class PassThroughDevice(NexusAttentions):
         while done < blocks:
             count = min(per, blocks - done)
             piece = _with_lba_and_blocks(cdb, lba + done, count)
-            self._pass(task, piece, count * block, offset=done * block)
+            try:
+                self._pass(task, piece, count * block, offset=done * block)
+            except DeviceGone as exc:
+                exc.sent = exc.sent or done > 0      # earlier pieces ran: never again
+                raise
             if task.status != ScsiStatus.GOOD:
                 if task.status == ScsiStatus.CHECK_CONDITION and \
                         _sense_key(task.sense) == SenseKey.RECOVERED_ERROR:

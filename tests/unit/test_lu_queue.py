@@ -458,3 +458,55 @@ def test_a_reload_that_brings_a_tape_makes_its_lun_sequential():
     lu.replace_luns(Config(8), {1: Tape()}, set())
     assert lu._queue.sequential_luns == frozenset({1})
     lu.shutdown()
+
+
+class PassLikeDevice(HeldByDevice):
+    """A pass-through device: ends a held command with end_held_commands, which keeps
+    reservations; a task still waiting for a request slot is cancelled, not held."""
+
+    def __init__(self):
+        super().__init__()
+        self.ended = 0
+        self.cancelled = []
+
+    def end_held_commands(self):
+        self.ended += 1
+        self.gate.set()
+        return True
+
+    def cancel_unsent(self, tasks):
+        self.cancelled.extend(t.n for t in tasks)
+
+
+def test_an_abort_ends_a_held_command_with_end_held_commands_not_a_reset(monkeypatch):
+    import istgt.lu.unit as unit
+    monkeypatch.setattr(unit, "DEVICE_ABORT_GRACE_S", 0.2)
+    dev = PassLikeDevice()
+    lu = LogicalUnit(Config(8), {0: dev}, max_sessions=1)
+    lu.submit(Task(1), lambda t, a: None)
+    assert wait_for(lambda: dev.started == [1])
+    assert lu.abort_task("n1", 1)
+    assert dev.cancelled == [1] and dev.ended == 1 and dev.resets == 0
+    lu.shutdown()
+
+
+def test_task_management_with_a_command_that_never_ends_is_not_called_complete(monkeypatch):
+    """ABORT TASK SET, CLEAR TASK SET, LU and target resets: TaskStillRunning (answered
+    FUNCTION REJECTED) when an aborted command still runs after every wait; the LU and
+    target resets still reset the devices."""
+    import pytest
+
+    import istgt.lu.unit as unit
+    monkeypatch.setattr(unit, "DEVICE_ABORT_GRACE_S", 0.05)
+    monkeypatch.setattr(unit, "ABORT_WAIT_S", 0.1)
+    dev = UnresettableDevice()
+    lu = LogicalUnit(Config(8), {0: dev}, max_sessions=1)
+    lu.submit(Task(1), lambda t, a: None)
+    assert wait_for(lambda: dev.started == [1])
+    for call in (lambda: lu.abort_task_set("n1", 0), lambda: lu.clear_task_set(0, "n1"),
+                 lambda: lu.lun_reset(0), lambda: lu.target_reset("warm")):
+        with pytest.raises(unit.TaskStillRunning):
+            call()
+    assert dev.resets >= 3                  # escalations, and the LU and target resets
+    dev.gate.set()
+    lu.shutdown()

@@ -30,7 +30,7 @@ class FakeSg:
         self.closed = False
         self.sg_name = "sg0"
 
-    def command(self, cdb, direction, buffer, timeout_ms):
+    def command(self, cdb, direction, buffer, timeout_ms, **options):
         if self.closed:                                      # as SgDevice._enter
             raise DeviceGone(19, "closed", self, sent=False)
         if self.gone:
@@ -115,7 +115,7 @@ def test_vpd_83_gets_the_target_port_designators_after_the_devices_own():
     own = bytes([0x01, 0x03, 0x00, 0x08]) + bytes(range(8))            # an NAA designator
     page = bytes([0x00, 0x83]) + struct.pack(">H", len(own)) + own
 
-    def answer(cdb, direction, buffer, timeout):
+    def answer(cdb, direction, buffer, timeout, **options):
         buffer[:len(page)] = page
         return ScsiStatus.GOOD, b"", len(buffer) - len(page)
     sg.command = answer
@@ -175,7 +175,7 @@ def test_a_recovered_error_in_one_piece_does_not_cut_the_transfer_short():
                     (ScsiStatus.GOOD, b"", 0)])
     original = sg.command
 
-    def command(cdb, direction, buffer, timeout):
+    def command(cdb, direction, buffer, timeout, **options):
         original(cdb, direction, buffer, timeout)
         return next(answers)
     sg.command = command
@@ -189,12 +189,12 @@ def test_transport_trouble_is_busy_and_a_bug_is_never_good():
     sg = FakeSg()
     d = ready(device(sg))
 
-    def interrupted(*_):
+    def interrupted(*_, **options):
         raise TransportTrouble(4, "EINTR", busy=True)
     sg.command = interrupted
     assert run(d, bytes(6)).status == ScsiStatus.BUSY
 
-    def broken(*_):
+    def broken(*_, **options):
         raise struct.error("a bug")
     sg.command = broken
     task = run(d, bytes(6))
@@ -239,7 +239,7 @@ class ResetAttentionsSg(FakeSg):
         self.pending = 2
         self.extra_pending = self.extra
 
-    def command(self, cdb, direction, buffer, timeout_ms):
+    def command(self, cdb, direction, buffer, timeout_ms, **options):
         if self.pending:
             self.pending -= 1
             self.commands.append((bytes(cdb), direction, 0))
@@ -318,7 +318,7 @@ def test_an_sg_node_is_closed_only_when_no_ioctl_uses_it(tmp_path):
     from istgt.scsi.passthrough import SgDevice
     sg = SgDevice.__new__(SgDevice)
     sg.path, sg.fd = "/dev/sg9", os.open(os.devnull, os.O_RDONLY)
-    sg._fd_lock, sg._in_flight, sg._closing = threading.Lock(), 0, False
+    sg._init_requests()
     fd = sg._enter()                                  # an ioctl in progress
     sg.close()
     os.fstat(fd)                                      # still open
@@ -339,7 +339,7 @@ class ConcurrentSg(FakeSg):
         self.lock = threading.Lock()
         self.inside = self.most_inside = 0
 
-    def command(self, cdb, direction, buffer, timeout_ms):
+    def command(self, cdb, direction, buffer, timeout_ms, **options):
         import time
         with self.lock:
             self.inside += 1
@@ -395,7 +395,7 @@ class HeldTapeSg(FakeSg):
         import threading
         self.release = threading.Event()
 
-    def command(self, cdb, direction, buffer, timeout_ms):
+    def command(self, cdb, direction, buffer, timeout_ms, **options):
         if cdb[0] == 0x01:
             self.commands.append((bytes(cdb), direction, 0))
             self.release.wait(10)
@@ -449,7 +449,7 @@ class OldNodeSg(FakeSg):
         super().__init__()
         self.fresh, self.sent, self.device = fresh, sent, None
 
-    def command(self, cdb, direction, buffer, timeout_ms):
+    def command(self, cdb, direction, buffer, timeout_ms, **options):
         if self.device is None:                           # the open's TEST UNIT READY
             return super().command(cdb, direction, buffer, timeout_ms)
         self.device.sg = self.fresh
@@ -534,14 +534,13 @@ def bare_sg_device(monkeypatch):
     monkeypatch.setattr(passthrough, "_libc", libc)
     sg = passthrough.SgDevice.__new__(passthrough.SgDevice)
     sg.path, sg.fd = "/dev/sg9", os.open(os.devnull, os.O_RDONLY)
-    sg._fd_lock, sg._in_flight, sg._closing = threading.Lock(), 0, False
-    sg._queue_slots = threading.BoundedSemaphore(passthrough.SG_MAX_QUEUE)
+    sg._init_requests()
     return sg, libc
 
 
 def test_no_more_commands_on_one_sg_node_than_the_driver_queues(monkeypatch):
     """sg takes 16 requests per open file and answers EDOM beyond: at QueueDepth 32 the
-    others wait for a slot instead of coming back BUSY."""
+    others wait for a slot instead of coming back BUSY (one slot is kept for the target)."""
     import threading
     sg, libc = bare_sg_device(monkeypatch)
     threads = [threading.Thread(target=sg.command, args=(bytes(6), -1, None, 1000))
@@ -550,7 +549,7 @@ def test_no_more_commands_on_one_sg_node_than_the_driver_queues(monkeypatch):
         t.start()
     for t in threads:
         t.join(10)
-    assert libc.most == 16
+    assert libc.most == 15
     sg.close()
 
 
@@ -627,3 +626,143 @@ def test_naca_and_link_are_refused_before_the_device_sees_them():
         assert sense[15] & 0x80 and sense[15] & 0x40                # SKSV, C/D
         assert sense[15] & 0x07 == bit and int.from_bytes(sense[16:18], "big") == byte
     assert sg.commands == []
+
+
+class HoldingLibc(FakeLibc):
+    """SG_IO calls stay inside until released."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+        self.release = threading.Event()
+
+    def ioctl(self, fd, request, argument):
+        if request == 0x2285:
+            with self.lock:
+                self.inside += 1
+            self.release.wait(10)
+            with self.lock:
+                self.inside -= 1
+            return 0
+        return super().ioctl(fd, request, argument)
+
+
+def test_an_aborted_command_waiting_for_a_request_slot_is_never_sent(monkeypatch):
+    """15 commands fill the node's slots (one is kept for the target): a 16th, aborted
+    while it waits, ends NotSent; the kept slot still takes the target's own command."""
+    import threading
+    import time
+
+    import istgt.scsi.passthrough as passthrough
+    sg, _ = bare_sg_device(monkeypatch)
+    libc = HoldingLibc()
+    monkeypatch.setattr(passthrough, "_libc", libc)
+    holders = [threading.Thread(target=sg.command, args=(bytes(6), -1, None, 1000))
+               for _ in range(15)]
+    for t in holders:
+        t.start()
+    deadline = time.monotonic() + 5
+    while libc.inside < 15 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    aborted = threading.Event()
+    outcome = []
+
+    def waiting():
+        try:
+            sg.command(bytes(6), -1, None, 1000, cancelled=aborted.is_set)
+            outcome.append("sent")
+        except passthrough.NotSent:
+            outcome.append("not sent")
+    late = threading.Thread(target=waiting)
+    late.start()
+    time.sleep(0.2)
+    assert libc.inside == 15 and not outcome            # it waits for a slot
+    aborted.set()
+    late.join(2)
+    assert outcome == ["not sent"] and libc.inside == 15
+    own = threading.Thread(target=sg.command, args=(bytes(6), -1, None, 1000),
+                           kwargs={"own": True})
+    own.start()
+    deadline = time.monotonic() + 5
+    while libc.inside < 16 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert libc.inside == 16                             # the kept slot
+    libc.release.set()
+    for t in (*holders, own):
+        t.join(5)
+    sg.close()
+
+
+def test_the_devices_reset_attention_is_not_relayed_when_a_reset_came_and_went():
+    """A reset that started and ended while the command was at the device."""
+    sg = FakeSg()
+    d = ready(ready(device(sg)), OTHER)
+    reset_ua = bytes([0x70, 0, 6]) + bytes(9) + b"\x29" + bytes(5)
+    original = sg.command
+
+    def during_a_reset(cdb, direction, buffer, timeout, **options):
+        d._reset_epoch += 1                           # a whole reset meanwhile
+        original(cdb, direction, buffer, timeout)
+        return (ScsiStatus.CHECK_CONDITION, reset_ua, 0)
+    sg.command = during_a_reset
+    assert run(d, bytes(6)).sense == reset_ua
+    sg.command = original
+    assert run(d, bytes(6), OTHER).status == ScsiStatus.GOOD
+
+
+class UnresettableSg(FakeSg):
+    def reset(self):
+        raise OSError(5, "no device reset handler")
+
+
+def test_a_failed_reset_to_end_a_held_command_leaves_the_attentions_as_they_were():
+    sg = UnresettableSg()
+    d = ready(ready(device(sg)), OTHER)
+    d._queue_unit_attention(0x2A03)                  # RESERVATIONS PREEMPTED, say
+    assert not d.end_held_commands()
+    for nexus in (NEXUS, OTHER):
+        task = run(d, bytes(6), nexus)
+        assert task.sense[12:14] == b"\x2a\x03"
+        assert run(d, bytes(6), nexus).status == ScsiStatus.GOOD
+
+
+def test_a_split_transfer_whose_later_piece_found_the_node_closed_is_not_run_again(
+        monkeypatch):
+    import istgt.scsi.passthrough as passthrough
+    monkeypatch.setattr(passthrough, "REOPEN_INTERVAL_S", 0.0)
+    fresh = FakeSg()
+    old = FakeSg(max_transfer=64 * 1024)
+    d = ready(device(old, lambda path: fresh))
+    original = old.command
+
+    def close_after_first(cdb, direction, buffer, timeout, **options):
+        answer = original(cdb, direction, buffer, timeout)
+        old.closed = True                             # the node went after piece 1
+        return answer
+    old.command = close_after_first
+    task = run(d, struct.pack(">BBQIBB", 0x8A, 0, 0, 300, 0, 0), data=bytes(300 * 512))
+    assert task.status == ScsiStatus.CHECK_CONDITION and task.sense[2] & 0x0F == 0x02
+    assert all(c[0][0] != 0x8A for c in fresh.commands)   # not written again from the start
+
+
+def test_a_blank_serial_number_does_not_identify_a_device():
+    from istgt.scsi.passthrough import _identifies
+    assert not _identifies(("V", "M", "1", bytes([0, 0x80, 0, 8]) + b"        ", None))
+    assert not _identifies(("V", "M", "1", None, bytes([0, 0x83, 0, 0])))
+    assert _identifies(("V", "M", "1", bytes([0, 0x80, 0, 4]) + b"A1B2", None))
+    assert _identifies(("V", "M", "1", None, bytes([0, 0x83, 0, 12]) + bytes(12)))
+
+
+def test_an_attention_a_returning_device_holds_reaches_every_nexus_after_its_power_on(
+        monkeypatch):
+    import istgt.scsi.passthrough as passthrough
+    monkeypatch.setattr(passthrough, "REOPEN_INTERVAL_S", 0.0)
+    fresh = ResetAttentionsSg()
+    first = FakeSg()
+    d = ready(ready(device(first, lambda path: fresh)), OTHER)
+    first.closed = True                               # gone; back when asked
+    fresh.pending, fresh.extra_pending = 1, UA_CAPACITY_CHANGED
+    assert run(d, bytes(6)).sense[12] == 0x29          # the power-on, from the target
+    assert run(d, bytes(6)).sense == UA_CAPACITY_CHANGED
+    assert run(d, bytes(6), OTHER).sense[12] == 0x29
+    assert run(d, bytes(6), OTHER).sense == UA_CAPACITY_CHANGED
