@@ -2,7 +2,8 @@
 Pass LU (QEMU's scsi-hd as target `pass-disk`, the ones with product SPLITDISK and
 SLOWDISK as `pass-split` and `pass-slow`, scsi-cd as `pass-cd`, the kernel's scsi_debug disk as `pass-debug`, tgt's
 virtual tape drive and changer attached over iSCSI (attach_vtl.sh) as `pass-tape` and
-`pass-changer`), serve them on port 3260 until /job/stop appears, then stop the target
+`pass-changer`, and both again as one library, `pass-library`, changer at LUN0 and drive
+at LUN1), serve them on port 3260 until /job/stop appears, then stop the target
 with SIGTERM. scsi_debug reports a MEDIUM ERROR for reads of LBA 4660-4669 (opts=2); when
 /job/remove appears, the scsi_debug disk is deleted from the guest, as a pulled disk, and
 when /job/readd appears its host is scanned again, so it comes back under the same node."""
@@ -49,6 +50,13 @@ def main() -> int:
         lines += [f"[LogicalUnit{number}]", f"  TargetName {name}",
                   "  Mapping PortalGroup1 InitiatorGroup1", "  AuthMethod None",
                   "  UnitType Pass", "  QueueDepth 32", f"  LUN0 Device /dev/{sg}"]
+    # a tape library as one target: the changer at LUN0, its drive at LUN1 (through the
+    # st node's name, as an admin would write it)
+    changer = next(sg for sg, name in units.items() if name == "pass-changer")
+    lines += [f"[LogicalUnit{len(units) + 1}]", "  TargetName pass-library",
+              "  Mapping PortalGroup1 InitiatorGroup1", "  AuthMethod None",
+              "  UnitType Pass", "  QueueDepth 8", f"  LUN0 Device /dev/{changer}",
+              "  LUN1 Device /dev/nst0"]
     with open("/tmp/istgt.conf", "w") as conf:
         conf.write("\n".join(lines) + "\n")
     open("/tmp/auth.conf", "w").close()

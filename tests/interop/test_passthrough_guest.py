@@ -338,3 +338,26 @@ def test_abort_task_ends_a_command_the_device_holds(guest):
     reset = slow.tur()
     assert reset.status == 2 and reset.sense[12:14] == b"\x29\x03", reset.sense.hex()
     assert slow.tur().status == 0
+
+
+def test_a_library_of_a_changer_and_its_drive_in_one_target(guest):
+    """The changer at LUN0 and the drive at LUN1 (named by its /dev/nst0 node) of one
+    target: REPORT LUNS is the target's, each LUN is its device, and a REWIND on the drive
+    and a READ ELEMENT STATUS on the changer sent together both answer (each sequential
+    LUN queues on its own; the unit tests show one does not wait for the other)."""
+    _, port, _, _, _ = guest
+    library = session(port, "pass-library")
+    luns = library.scsi(bytes([0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]), read_length=256)
+    assert luns.status == 0 and int.from_bytes(luns.data[:4], "big") == 16
+    assert [luns.data[8 + 8 * i + 1] for i in range(2)] == [0, 1]
+    for _ in range(4):                                    # LUN1's power-on attention
+        if library.tur(lun=1).status == 0:
+            break
+    changer_type = library.inquiry(lun=0).data[0] & 0x1F
+    drive_type = library.inquiry(lun=1).data[0] & 0x1F
+    assert (changer_type, drive_type) == (0x08, 0x01)
+    rewind = library.submit(bytes([0x01, 0, 0, 0, 0, 0]), lun=1)           # REWIND
+    status = library.scsi(bytes([0xB8, 0x02, 0, 0, 0xFF, 0xFF, 0]) +
+                          (4096).to_bytes(3, "big") + bytes(2), read_length=4096)
+    assert status.status == 0, status.sense.hex()          # READ ELEMENT STATUS, slots
+    assert library.collect(rewind).status == 0
