@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 from guest import Guest, build  # noqa: E402
-from run_bench import WORKLOADS, bench, free_port  # noqa: E402
+from run_bench import bench, free_port  # noqa: E402
 
 NODE_BASE = "iqn.2024-01.org.example.guest"
 SERVE = r"""

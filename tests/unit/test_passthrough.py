@@ -311,7 +311,6 @@ def test_an_sg_node_is_closed_only_when_no_ioctl_uses_it(tmp_path):
     last ioctl in progress returns: a number reused under it would send the next ioctl to
     another file."""
     import os
-    import threading
 
     import pytest
 
@@ -410,7 +409,6 @@ class HeldTapeSg(FakeSg):
 def test_an_aborted_tape_command_still_waiting_never_reaches_the_drive():
     """Another initiator's long REWIND holds the drive; a WRITE waiting behind it is aborted:
     FUNCTION COMPLETE at once, the drive never sees it, and nobody's REWIND is reset."""
-    import threading
     import time
 
     from istgt.lu.unit import LogicalUnit
@@ -527,7 +525,6 @@ class FakeLibc:
 
 def bare_sg_device(monkeypatch):
     import os
-    import threading
 
     import istgt.scsi.passthrough as passthrough
     libc = FakeLibc()
