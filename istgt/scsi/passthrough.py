@@ -340,7 +340,9 @@ class PassThroughDevice(NexusAttentions):
         self._reset_epoch = 0
         self._closed = False
         self._cancel_lock = threading.Lock()
-        self._cancelled: set[int] = set()     # id() of aborted tasks; guarded by _cancel_lock
+        # id() of the tasks in execute(), and of those of them aborted; _cancel_lock
+        self._executing: set[int] = set()
+        self._cancelled: set[int] = set()
         self._drain_device_attentions()
         self._gone = False
         self._all_luns: list[int] = [lun.number]
@@ -352,12 +354,14 @@ class PassThroughDevice(NexusAttentions):
     # --- the LogicalUnit's interface ---------------------------------------------------------
 
     def execute(self, task: ScsiTask) -> None:
+        with self._cancel_lock:
+            self._executing.add(id(task))
         try:
             self._execute(task)
         finally:
-            if self._cancelled:
-                with self._cancel_lock:
-                    self._cancelled.discard(id(task))
+            with self._cancel_lock:
+                self._executing.discard(id(task))
+                self._cancelled.discard(id(task))
 
     def _execute(self, task: ScsiTask) -> None:
         task.status, task.sense, task.data_in = ScsiStatus.GOOD, b"", None
@@ -459,8 +463,8 @@ class PassThroughDevice(NexusAttentions):
     def cancel_unsent(self, tasks: list[ScsiTask]) -> None:
         """Aborted tasks: those still waiting for a request slot end without reaching the
         device (NotSent), so only commands the device really holds count as held."""
-        with self._cancel_lock:
-            self._cancelled.update(id(task) for task in tasks)
+        with self._cancel_lock:       # only those executing: an id() is reused once freed
+            self._cancelled.update(id(task) for task in tasks if id(task) in self._executing)
 
     def end_held_commands(self) -> bool:
         """An aborted command the device still holds: SG_IO cannot abort one command, so

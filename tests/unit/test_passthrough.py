@@ -763,3 +763,13 @@ def test_an_attention_a_returning_device_holds_reaches_every_nexus_after_its_pow
     assert run(d, bytes(6)).sense == UA_CAPACITY_CHANGED
     assert run(d, bytes(6), OTHER).sense[12] == 0x29
     assert run(d, bytes(6), OTHER).sense == UA_CAPACITY_CHANGED
+
+
+def test_only_a_task_being_executed_can_be_cancelled():
+    """A task that ended before its abort reached the device leaves nothing behind that a
+    later task reusing its id() could be taken for."""
+    d = ready(device())
+    done = ScsiTask(0, bytes(6), NEXUS)
+    d.execute(done)
+    d.cancel_unsent([done])
+    assert d._cancelled == set() and d._executing == set()
