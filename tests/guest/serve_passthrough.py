@@ -6,7 +6,8 @@ virtual tape drive and changer attached over iSCSI (attach_vtl.sh) as `pass-tape
 at LUN1), serve them on port 3260 until /job/stop appears, then stop the target
 with SIGTERM. scsi_debug reports a MEDIUM ERROR for reads of LBA 4660-4669 (opts=2); when
 /job/remove appears, the scsi_debug disk is deleted from the guest, as a pulled disk, and
-when /job/readd appears its host is scanned again, so it comes back under the same node."""
+when /job/readd appears its host is scanned again, so it comes back under the same node;
+/job/grow-debug makes it 1 GiB (its unit attention CAPACITY DATA HAS CHANGED)."""
 import os
 import signal
 import subprocess
@@ -77,6 +78,11 @@ def main() -> int:
                 f.write("1")
             removed = True
             print("DEBUG REMOVED", flush=True)
+        if os.path.exists("/job/grow-debug"):       # scsi_debug: CAPACITY DATA HAS CHANGED
+            os.unlink("/job/grow-debug")
+            with open("/sys/bus/pseudo/drivers/scsi_debug/virtual_gb", "w") as f:
+                f.write("1")
+            print("DEBUG GROWN", flush=True)
         if os.path.exists("/job/readd") and removed and not readded:
             with open(f"/sys/class/scsi_host/{host}/scan", "w") as f:
                 f.write("- - -")

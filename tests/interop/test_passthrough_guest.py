@@ -360,3 +360,21 @@ def test_a_library_of_a_changer_and_its_drive_in_one_target(guest):
                           (4096).to_bytes(3, "big") + bytes(2), read_length=4096)
     assert status.status == 0, status.sense.hex()          # READ ELEMENT STATUS, slots
     assert library.collect(rewind).status == 0
+
+
+def test_a_unit_attention_of_the_device_reaches_every_initiator(guest):
+    """scsi_debug grown to 1 GiB reports CAPACITY DATA HAS CHANGED (2A/09) once, to its one
+    initiator, the target: the session whose command meets it gets it, and the other
+    session gets the same sense before its next command runs."""
+    machine, port, _, _, _ = guest
+    first, second = session(port, "pass-debug"), session(port, "pass-debug")
+    (machine.job / "grow-debug").touch()
+    assert machine.wait_for("DEBUG GROWN", 60)
+    met = first.tur()
+    assert met.status == 2 and met.sense[2] & 0x0F == 0x06, met.sense.hex()
+    assert met.sense[12:14] == b"\x2a\x09"
+    relayed = second.tur()
+    assert relayed.status == 2 and relayed.sense == met.sense
+    assert first.tur().status == 0 and second.tur().status == 0
+    blocks, _ = second.read_capacity16()
+    assert blocks == (1 << 30) // 512
