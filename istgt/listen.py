@@ -1,4 +1,5 @@
-"""Listening TCP sockets for portals (iSCSI and UnitControl alike)."""
+"""Stream sockets: listening TCP portals (iSCSI and UnitControl alike), and connections to
+local Unix sockets (the control socket, qemu-storage-daemon's NBD and QMP sockets)."""
 
 from __future__ import annotations
 
@@ -25,4 +26,16 @@ def listen_tcp(portal: Any, what: str, backlog: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise OSError(e.errno, f"{what} {portal.display}: {e.strerror}") from None
+    return sock
+
+
+def connect_unix(path: str, timeout: float | None) -> socket.socket:
+    """A stream connection to the Unix socket at `path` (closed again if it fails)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
     return sock

@@ -21,6 +21,7 @@ from istgt import EXTRA_VERSION, __version__
 from istgt.config import ConfigError, ControlClientConfig, load_control_config
 from istgt.control.auth import ControlAuthError, check_mutual_answer, client_response
 from istgt.control.protocol import LineBuffer, quote, split_line
+from istgt.listen import connect_unix
 
 OPTIONS = "c:h:p:t:l:f:s:qvA:U:S:M:R:VH"
 DEFAULT_CONFIG = "/etc/istgt/istgtcontrol.conf"
@@ -157,14 +158,7 @@ def _connect(config: ControlClientConfig, options: dict[str, str], verbose: Text
     path = config.socket_path
     if verbose:
         verbose.write(f"connect to {path}\n")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(path)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    return connect_unix(path, timeout)
 
 
 def _authenticate(channel: Channel, credentials: Credentials) -> None:

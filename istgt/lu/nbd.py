@@ -22,6 +22,8 @@ import struct
 import threading
 import time
 
+from istgt.listen import connect_unix
+
 log = logging.getLogger("istgt.nbd")
 
 # Handshake (fixed newstyle)
@@ -152,17 +154,6 @@ def _expect_ack(sock: socket.socket, option: int) -> None:
         pass
 
 
-def connect_unix(path: str, timeout: float = CONNECT_TIMEOUT_S) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(path)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 def _send_parts(sock: socket.socket, header: bytes, payload) -> None:
     """Header and payload in one sendmsg where the kernel takes it all, without copying."""
     parts = [memoryview(header), memoryview(payload).cast("B")]
@@ -231,7 +222,7 @@ class NbdClient:
             raise OSError(errno.ETIMEDOUT, f"NBD export {self.name}: no new connection")
 
     def _open(self) -> socket.socket:
-        sock = connect_unix(self.path)
+        sock = connect_unix(self.path, CONNECT_TIMEOUT_S)
         try:
             self._export = handshake(sock, self.name)
         except BaseException:
@@ -370,7 +361,7 @@ class NbdClient:
         raise AssertionError("unreachable")
 
     def _open_status(self):
-        sock = connect_unix(self.path)
+        sock = connect_unix(self.path, CONNECT_TIMEOUT_S)
         try:
             export = handshake(sock, self.name, block_status=True)
         except BaseException:

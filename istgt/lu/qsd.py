@@ -17,12 +17,13 @@ import logging
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+
+from istgt.listen import connect_unix
 
 log = logging.getLogger("istgt.qsd")
 
@@ -47,11 +48,9 @@ class _Qmp:
     """A QMP connection: one command at a time, events skipped."""
 
     def __init__(self, path: str) -> None:
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._file = None
+        self._sock = connect_unix(path, QMP_TIMEOUT_S)
         try:
-            self._sock.settimeout(QMP_TIMEOUT_S)
-            self._sock.connect(path)
             self._file = self._sock.makefile("rb")
             self._lock = threading.Lock()
             self._read()                                   # the greeting
