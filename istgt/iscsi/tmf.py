@@ -11,6 +11,12 @@ from istgt.lu.unit import TaskStillRunning
 log = logging.getLogger("istgt.iscsi")
 
 
+def _still_running(fn: int, exc: TaskStillRunning) -> TmfResponse:
+    """An aborted command did not end: not done, so the initiator escalates."""
+    log.error("TMF %d: %s", fn, exc)
+    return TmfResponse.REJECTED
+
+
 def handle(conn, pdu) -> None:
     s = conn.session
     if s.discovery:
@@ -28,16 +34,12 @@ def handle(conn, pdu) -> None:
         try:
             found = conn.abort_writes(lambda c: c.itt == rtt) or target.abort_task(nexus, rtt)
         except TaskStillRunning as exc:
-            log.error("ABORT TASK: %s", exc)
-            found = None
-        if found is None:
-            response = TmfResponse.REJECTED     # the initiator escalates (LU reset...)
-        elif found:
-            response = TmfResponse.COMPLETE
-        elif s.consume_unseen(pdu.ref_cmdsn, pdu.cmdsn):
-            response = TmfResponse.COMPLETE
+            response = _still_running(fn, exc)
         else:
-            response = TmfResponse.TASK_DOES_NOT_EXIST
+            if found or s.consume_unseen(pdu.ref_cmdsn, pdu.cmdsn):
+                response = TmfResponse.COMPLETE
+            else:
+                response = TmfResponse.TASK_DOES_NOT_EXIST
     elif fn in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET,
                 TmfFunction.LOGICAL_UNIT_RESET):
         if lun not in target.devices:
@@ -55,8 +57,7 @@ def handle(conn, pdu) -> None:
                     conn.server.abort_writes_everywhere(target, lambda c: c.task.lun == lun)
                     target.lun_reset(lun)
             except TaskStillRunning as exc:
-                log.error("TMF %d: %s", fn, exc)
-                response = TmfResponse.REJECTED     # not done: the initiator escalates
+                response = _still_running(fn, exc)
     elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
         conn.server.abort_writes_everywhere(target, lambda c: True)
         cold = fn == TmfFunction.TARGET_COLD_RESET
@@ -64,8 +65,7 @@ def handle(conn, pdu) -> None:
         try:
             target.target_reset("cold" if cold else "warm")
         except TaskStillRunning as exc:
-            log.error("TMF %d: %s", fn, exc)
-            response = TmfResponse.REJECTED
+            response = _still_running(fn, exc)
         if cold:
             after = lambda: conn.server.close_target_sessions(target, "target cold reset")
     elif fn == TmfFunction.CLEAR_ACA:

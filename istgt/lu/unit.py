@@ -237,10 +237,7 @@ class LogicalUnit:
     def abort_task(self, nexus, tag: int) -> bool:
         """Whether the task existed (it is gone now); TaskStillRunning when it did not end
         (a device that takes no reset), so the initiator is not told it is gone."""
-        aborted, unfinished = self._abort(lambda t: t.nexus == nexus and t.tag == tag)
-        if unfinished:
-            raise TaskStillRunning(f"LU{self.number}: task {tag:#x} still running")
-        return bool(aborted)
+        return bool(self._abort_all_or_raise(lambda t: t.nexus == nexus and t.tag == tag))
 
     def _abort_all_or_raise(self, match) -> list[QueuedTask]:
         """For a task management function: TaskStillRunning when an aborted task did not

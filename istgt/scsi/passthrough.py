@@ -395,12 +395,12 @@ class PassThroughDevice(NexusAttentions):
                           task.cdb.hex())
             self._answer(task, SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)
 
-    def _device_gone(self, exc: OSError, nexus: ITNexus) -> bool:
+    def _device_gone(self, exc: DeviceGone, nexus: ITNexus) -> bool:
         """A command of `nexus` found the device gone: whether it is back (then the command
         runs again). The same device (by its identity) found under the path is opened
         again, and every nexus gets a power-on attention; another one found there is not
         served."""
-        failed = exc.device if isinstance(exc, DeviceGone) and exc.device else self.sg
+        failed = exc.device or self.sg
         with self._swap_lock:
             if self._closed:
                 return False
