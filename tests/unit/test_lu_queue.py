@@ -339,11 +339,27 @@ class HeldByDevice(SlowDevice):
         self.gate.set()
 
 
+def lu_running_task_1(dev, done=lambda t, aborted: None):
+    """A LogicalUnit (QueueDepth 8) whose device is executing task 1."""
+    lu = LogicalUnit(Config(8), {0: dev}, max_sessions=1)
+    lu.submit(Task(1), done)
+    assert wait_for(lambda: dev.started == [1])
+    return lu
+
+
+def abort_waits(monkeypatch, grace_s, wait_s=None):
+    """Shorter waits for aborted commands: the grace before a device reset, and the
+    whole wait."""
+    import istgt.lu.unit as unit
+    monkeypatch.setattr(unit, "DEVICE_ABORT_GRACE_S", grace_s)
+    if wait_s is not None:
+        monkeypatch.setattr(unit, "ABORT_WAIT_S", wait_s)
+    return unit
+
+
 def test_a_lu_reset_resets_a_real_device_before_waiting_for_its_commands():
     dev = HeldByDevice()
-    lu = LogicalUnit(Config(8), {0: dev}, max_sessions=1)
-    lu.submit(Task(1), lambda t, a: None)
-    assert wait_for(lambda: dev.started == [1])
+    lu = lu_running_task_1(dev)
     started = time.monotonic()
     lu.lun_reset(0)
     assert dev.resets == 1 and time.monotonic() - started < 2   # not the 5 s the command holds
@@ -353,13 +369,10 @@ def test_a_lu_reset_resets_a_real_device_before_waiting_for_its_commands():
 def test_an_abort_task_a_real_device_holds_resets_the_device_after_a_grace(monkeypatch):
     """SG_IO cannot abort one command: one still held after the grace is ended by a device
     reset, so FUNCTION COMPLETE means the command has no further effect."""
-    import istgt.lu.unit as unit
-    monkeypatch.setattr(unit, "DEVICE_ABORT_GRACE_S", 0.3)
+    abort_waits(monkeypatch, 0.3)
     dev = HeldByDevice()
-    lu = LogicalUnit(Config(8), {0: dev}, max_sessions=1)
     answers = []
-    lu.submit(Task(1), lambda t, aborted: answers.append(aborted))
-    assert wait_for(lambda: dev.started == [1])
+    lu = lu_running_task_1(dev, lambda t, aborted: answers.append(aborted))
     started = time.monotonic()
     assert lu.abort_task("n1", 1)
     assert dev.resets == 1 and 0.3 <= time.monotonic() - started < 2
@@ -368,12 +381,9 @@ def test_an_abort_task_a_real_device_holds_resets_the_device_after_a_grace(monke
 
 
 def test_an_abort_task_a_real_device_ends_in_time_does_not_reset_it(monkeypatch):
-    import istgt.lu.unit as unit
-    monkeypatch.setattr(unit, "DEVICE_ABORT_GRACE_S", 2.0)
+    abort_waits(monkeypatch, 2.0)
     dev = HeldByDevice()
-    lu = LogicalUnit(Config(8), {0: dev}, max_sessions=1)
-    lu.submit(Task(1), lambda t, aborted: None)
-    assert wait_for(lambda: dev.started == [1])
+    lu = lu_running_task_1(dev)
     threading.Timer(0.2, dev.gate.set).start()     # the device answers on its own
     assert lu.abort_task("n1", 1)
     assert dev.resets == 0
@@ -390,13 +400,9 @@ class UnresettableDevice(HeldByDevice):
 def test_an_abort_task_whose_command_never_ends_is_not_called_complete(monkeypatch):
     import pytest
 
-    import istgt.lu.unit as unit
-    monkeypatch.setattr(unit, "DEVICE_ABORT_GRACE_S", 0.1)
-    monkeypatch.setattr(unit, "ABORT_WAIT_S", 0.3)
+    unit = abort_waits(monkeypatch, 0.1, 0.3)
     dev = UnresettableDevice()
-    lu = LogicalUnit(Config(8), {0: dev}, max_sessions=1)
-    lu.submit(Task(1), lambda t, a: None)
-    assert wait_for(lambda: dev.started == [1])
+    lu = lu_running_task_1(dev)
     with pytest.raises(unit.TaskStillRunning):
         lu.abort_task("n1", 1)
     assert dev.resets == 1
@@ -479,12 +485,9 @@ class PassLikeDevice(HeldByDevice):
 
 
 def test_an_abort_ends_a_held_command_with_end_held_commands_not_a_reset(monkeypatch):
-    import istgt.lu.unit as unit
-    monkeypatch.setattr(unit, "DEVICE_ABORT_GRACE_S", 0.2)
+    abort_waits(monkeypatch, 0.2)
     dev = PassLikeDevice()
-    lu = LogicalUnit(Config(8), {0: dev}, max_sessions=1)
-    lu.submit(Task(1), lambda t, a: None)
-    assert wait_for(lambda: dev.started == [1])
+    lu = lu_running_task_1(dev)
     assert lu.abort_task("n1", 1)
     assert dev.cancelled == [1] and dev.ended == 1 and dev.resets == 0
     lu.shutdown()
@@ -496,13 +499,9 @@ def test_task_management_with_a_command_that_never_ends_is_not_called_complete(m
     target resets still reset the devices."""
     import pytest
 
-    import istgt.lu.unit as unit
-    monkeypatch.setattr(unit, "DEVICE_ABORT_GRACE_S", 0.05)
-    monkeypatch.setattr(unit, "ABORT_WAIT_S", 0.1)
+    unit = abort_waits(monkeypatch, 0.05, 0.1)
     dev = UnresettableDevice()
-    lu = LogicalUnit(Config(8), {0: dev}, max_sessions=1)
-    lu.submit(Task(1), lambda t, a: None)
-    assert wait_for(lambda: dev.started == [1])
+    lu = lu_running_task_1(dev)
     for call in (lambda: lu.abort_task_set("n1", 0), lambda: lu.clear_task_set(0, "n1"),
                  lambda: lu.lun_reset(0), lambda: lu.target_reset("warm")):
         with pytest.raises(unit.TaskStillRunning):

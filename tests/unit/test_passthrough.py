@@ -2,7 +2,10 @@
 target keeps (unit attentions, reservations, target port designators, limits) and what it
 passes on as the device gave it (status, sense, residual)."""
 
+import contextlib
 import struct
+import threading
+import time
 from types import SimpleNamespace
 
 from istgt.scsi.command import ITNexus, ScsiTask
@@ -14,6 +17,25 @@ from istgt.scsi.passthrough import (
 
 NEXUS = ITNexus("iqn.1994-05.com.example:a,i,0x1", "iqn.x:pass,t,0x0001", 1)
 OTHER = ITNexus("iqn.1994-05.com.example:b,i,0x2", "iqn.x:pass,t,0x0001", 1)
+
+
+class InFlight:
+    """How many calls are inside at once (`now`), and the most there ever were."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.now = self.most = 0
+
+    @contextlib.contextmanager
+    def inside(self):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.now -= 1
 
 
 class FakeSg:
@@ -334,26 +356,17 @@ class ConcurrentSg(FakeSg):
 
     def __init__(self, peripheral_type):
         super().__init__(peripheral_type)
-        import threading
-        self.lock = threading.Lock()
-        self.inside = self.most_inside = 0
+        self.in_flight = InFlight()
 
     def command(self, cdb, direction, buffer, timeout_ms, **options):
-        import time
-        with self.lock:
-            self.inside += 1
-            self.most_inside = max(self.most_inside, self.inside)
-        time.sleep(0.05)
-        with self.lock:
-            self.inside -= 1
+        with self.in_flight.inside():
+            time.sleep(0.05)
         return super().command(cdb, direction, buffer, timeout_ms)
 
 
 def run_together(d, count):
     """`count` READ(10)s of one nexus (LBA = their order) through a LogicalUnit with
     QueueDepth 8."""
-    import threading
-
     from istgt.lu.unit import LogicalUnit
     config = SimpleNamespace(number=1, name="iqn.x:pass", queue_depth=8)
     lu = LogicalUnit(config, {0: d}, max_sessions=4)       # room for 32 tasks
@@ -373,7 +386,7 @@ def test_a_pass_through_disk_with_a_queue_depth_gets_commands_in_parallel():
     d = ready(device(sg))
     tasks = run_together(d, 8)
     assert all(t.status == ScsiStatus.GOOD for t in tasks)
-    assert sg.most_inside > 1
+    assert sg.in_flight.most > 1
 
 
 def test_a_pass_through_tape_takes_one_command_at_a_time_in_order_whatever_the_queue_depth():
@@ -382,7 +395,7 @@ def test_a_pass_through_tape_takes_one_command_at_a_time_in_order_whatever_the_q
         d = ready(device(sg))
         tasks = run_together(d, 16)
         assert all(t.status == ScsiStatus.GOOD for t in tasks)
-        assert sg.most_inside == 1
+        assert sg.in_flight.most == 1
         assert [struct.unpack_from(">I", c[0], 2)[0] for c in sg.commands] == list(range(16))
 
 
@@ -391,7 +404,6 @@ class HeldTapeSg(FakeSg):
 
     def __init__(self):
         super().__init__(peripheral_type=1)
-        import threading
         self.release = threading.Event()
 
     def command(self, cdb, direction, buffer, timeout_ms, **options):
@@ -409,8 +421,6 @@ class HeldTapeSg(FakeSg):
 def test_an_aborted_tape_command_still_waiting_never_reaches_the_drive():
     """Another initiator's long REWIND holds the drive; a WRITE waiting behind it is aborted:
     FUNCTION COMPLETE at once, the drive never sees it, and nobody's REWIND is reset."""
-    import time
-
     from istgt.lu.unit import LogicalUnit
     sg = HeldTapeSg()
     d = ready(ready(device(sg)), OTHER)
@@ -503,24 +513,20 @@ class FakeLibc:
     """In place of libc's ioctl: counts SG_IO calls inside at once, records resets."""
 
     def __init__(self):
-        import threading
-        self.lock = threading.Lock()
-        self.inside = self.most = 0
+        self.in_flight = InFlight()
         self.reset_values = []
 
     def ioctl(self, fd, request, argument):
         import ctypes
-        import time
         if request == 0x2284:                                # SG_SCSI_RESET
             self.reset_values.append(ctypes.cast(argument, ctypes.POINTER(ctypes.c_int))[0])
             return 0
-        with self.lock:
-            self.inside += 1
-            self.most = max(self.most, self.inside)
-        time.sleep(0.02)
-        with self.lock:
-            self.inside -= 1
+        with self.in_flight.inside():
+            self.hold()
         return 0
+
+    def hold(self):
+        time.sleep(0.02)
 
 
 def bare_sg_device(monkeypatch):
@@ -538,7 +544,6 @@ def bare_sg_device(monkeypatch):
 def test_no_more_commands_on_one_sg_node_than_the_driver_queues(monkeypatch):
     """sg takes 16 requests per open file and answers EDOM beyond: at QueueDepth 32 the
     others wait for a slot instead of coming back BUSY (one slot is kept for the target)."""
-    import threading
     sg, libc = bare_sg_device(monkeypatch)
     threads = [threading.Thread(target=sg.command, args=(bytes(6), -1, None, 1000))
                for _ in range(40)]
@@ -546,7 +551,7 @@ def test_no_more_commands_on_one_sg_node_than_the_driver_queues(monkeypatch):
         t.start()
     for t in threads:
         t.join(10)
-    assert libc.most == 15
+    assert libc.in_flight.most == 15
     sg.close()
 
 
@@ -630,26 +635,15 @@ class HoldingLibc(FakeLibc):
 
     def __init__(self):
         super().__init__()
-        import threading
         self.release = threading.Event()
 
-    def ioctl(self, fd, request, argument):
-        if request == 0x2285:
-            with self.lock:
-                self.inside += 1
-            self.release.wait(10)
-            with self.lock:
-                self.inside -= 1
-            return 0
-        return super().ioctl(fd, request, argument)
+    def hold(self):
+        self.release.wait(10)
 
 
 def test_an_aborted_command_waiting_for_a_request_slot_is_never_sent(monkeypatch):
     """15 commands fill the node's slots (one is kept for the target): a 16th, aborted
     while it waits, ends NotSent; the kept slot still takes the target's own command."""
-    import threading
-    import time
-
     import istgt.scsi.passthrough as passthrough
     sg, _ = bare_sg_device(monkeypatch)
     libc = HoldingLibc()
@@ -659,7 +653,7 @@ def test_an_aborted_command_waiting_for_a_request_slot_is_never_sent(monkeypatch
     for t in holders:
         t.start()
     deadline = time.monotonic() + 5
-    while libc.inside < 15 and time.monotonic() < deadline:
+    while libc.in_flight.now < 15 and time.monotonic() < deadline:
         time.sleep(0.01)
     aborted = threading.Event()
     outcome = []
@@ -673,17 +667,17 @@ def test_an_aborted_command_waiting_for_a_request_slot_is_never_sent(monkeypatch
     late = threading.Thread(target=waiting)
     late.start()
     time.sleep(0.2)
-    assert libc.inside == 15 and not outcome            # it waits for a slot
+    assert libc.in_flight.now == 15 and not outcome            # it waits for a slot
     aborted.set()
     late.join(2)
-    assert outcome == ["not sent"] and libc.inside == 15
+    assert outcome == ["not sent"] and libc.in_flight.now == 15
     own = threading.Thread(target=sg.command, args=(bytes(6), -1, None, 1000),
                            kwargs={"own": True})
     own.start()
     deadline = time.monotonic() + 5
-    while libc.inside < 16 and time.monotonic() < deadline:
+    while libc.in_flight.now < 16 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert libc.inside == 16                             # the kept slot
+    assert libc.in_flight.now == 16                             # the kept slot
     libc.release.set()
     for t in (*holders, own):
         t.join(5)
