@@ -280,20 +280,23 @@ def _identifies(identity: tuple) -> bool:
 def max_transfer_bytes(device_dir: str) -> int:
     """The most one command may move: the block queue's current limit (max_sectors_kb) for
     disks and CD/DVD, never more than PIECE_MAX, which sg's buffers take on any host."""
-    for block in _listdir(f"{device_dir}/block"):
-        value = _read_sysfs(f"{device_dir}/block/{block}/queue/max_sectors_kb")
-        if value and value.isdigit():
-            return min(int(value) * 1024, PIECE_MAX)
-    return PIECE_MAX
+    kib = _block_queue_number(device_dir, "max_sectors_kb")
+    return PIECE_MAX if kib is None else min(kib * 1024, PIECE_MAX)
 
 
 def logical_block_size(device_dir: str) -> int:
     """From sysfs, so no READ CAPACITY of ours takes the device's unit attentions."""
+    size = _block_queue_number(device_dir, "logical_block_size")
+    return 512 if size is None else size
+
+
+def _block_queue_number(device_dir: str, name: str) -> int | None:
+    """A number from the queue of the device's block node (disks and CD/DVD have one)."""
     for block in _listdir(f"{device_dir}/block"):
-        value = _read_sysfs(f"{device_dir}/block/{block}/queue/logical_block_size")
+        value = _read_sysfs(f"{device_dir}/block/{block}/queue/{name}")
         if value and value.isdigit():
             return int(value)
-    return 512
+    return None
 
 
 def _listdir(path: str) -> list[str]:

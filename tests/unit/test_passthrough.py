@@ -767,3 +767,17 @@ def test_only_a_task_being_executed_can_be_cancelled():
     d.execute(done)
     d.cancel_unsent([done])
     assert d._cancelled == set() and d._executing == set()
+
+
+def test_limits_come_from_the_queue_of_the_devices_block_node(tmp_path):
+    from istgt.scsi.passthrough import PIECE_MAX, logical_block_size, max_transfer_bytes
+    assert (max_transfer_bytes(str(tmp_path)), logical_block_size(str(tmp_path))) == \
+        (PIECE_MAX, 512)                                  # a tape or changer: no block node
+    queue = tmp_path / "block" / "sda" / "queue"
+    queue.mkdir(parents=True)
+    (queue / "max_sectors_kb").write_text("64\n")
+    (queue / "logical_block_size").write_text("4096\n")
+    assert (max_transfer_bytes(str(tmp_path)), logical_block_size(str(tmp_path))) == \
+        (64 * 1024, 4096)
+    (queue / "max_sectors_kb").write_text("4096\n")
+    assert max_transfer_bytes(str(tmp_path)) == PIECE_MAX   # never more than sg takes
